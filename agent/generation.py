@@ -1,0 +1,175 @@
+"""The one generation loop every backend shares (torch, ONNX Runtime, TensorRT): numpy only.
+
+A backend owns a KV cache of `max_batch` rows x `max_seq` positions and offers two calls:
+  prefill(row, ids)          -> logits (V,) of the last prompt token, prompt written into cache row `row`
+  decode(tokens, positions)  -> logits (n, V), one new token for each of rows 0..n-1
+Requests beyond max_batch wait and take the first row that frees up (continuous batching).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Protocol
+
+import numpy as np
+
+from agent.errors import AgentInputError
+from agent.tokenizer import TextStream, Tokenizer
+
+
+class Backend(Protocol):
+    max_batch: int
+    max_seq: int
+
+    def prefill(self, row: int, ids: np.ndarray) -> np.ndarray: ...
+
+    def decode(self, tokens: np.ndarray, positions: np.ndarray) -> np.ndarray: ...
+
+
+@dataclass
+class SamplingParams:
+    max_tokens: int = 128
+    temperature: float = 0.0   # 0: greedy
+    top_p: float = 1.0
+    top_k: int = 0             # 0: no top-k cut
+    seed: Optional[int] = None
+    stop: tuple[str, ...] = ()
+
+    def validate(self):
+        if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+            raise AgentInputError(f"max_tokens: must be an integer >= 1, got {self.max_tokens!r}")
+        if not isinstance(self.temperature, (int, float)) or not (0 <= self.temperature <= 100):
+            raise AgentInputError(f"temperature: must be a number in [0, 100], got {self.temperature!r}")
+        if not isinstance(self.top_p, (int, float)) or not (0 < self.top_p <= 1):
+            raise AgentInputError(f"top_p: must be a number in (0, 1], got {self.top_p!r}")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+            raise AgentInputError(f"top_k: must be an integer >= 0, got {self.top_k!r}")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
+            raise AgentInputError(f"seed: must be an integer, got {self.seed!r}")
+        if not all(isinstance(s, str) and s for s in self.stop):
+            raise AgentInputError("stop: must be a list of non-empty strings")
+
+
+@dataclass
+class Completion:
+    prompt_tokens: int
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    finish_reason: str = ""  # "stop" (eos or a stop string) or "length"
+
+
+def sample(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator) -> int:
+    """One token id from fp32 logits (V,): greedy at temperature 0, else top-k, then top-p."""
+    if params.temperature == 0:
+        return int(np.argmax(logits))
+    scaled = logits.astype(np.float64) / params.temperature
+    if 0 < params.top_k < scaled.size:
+        kth = np.partition(scaled, -params.top_k)[-params.top_k]
+        scaled = np.where(scaled >= kth, scaled, -np.inf)
+    probs = np.exp(scaled - scaled.max())
+    probs /= probs.sum()
+    if params.top_p < 1.0:
+        order = np.argsort(-probs, kind="stable")
+        cum = np.cumsum(probs[order])
+        keep = order[: int(np.searchsorted(cum, params.top_p)) + 1]  # smallest set reaching top_p
+        kept = np.zeros_like(probs)
+        kept[keep] = probs[keep]
+        probs = kept / kept.sum()
+    cdf = np.cumsum(probs)
+    return int(min(np.searchsorted(cdf, rng.random() * cdf[-1], side="right"), probs.size - 1))
+
+
+class _Request:
+    """One prompt in flight: its row, position, sampler, and text stream with stop-string hold-back."""
+
+    def __init__(self, index, ids, params, tokenizer):
+        self.index, self.ids, self.params = index, ids, params
+        self.rng = np.random.default_rng(params.seed)
+        self.stream = TextStream(tokenizer)
+        self.out = Completion(prompt_tokens=len(ids))
+        self.emitted = 0  # characters of stream.text already handed to the callback
+        self.row = -1
+        self.pos = len(ids)  # position the next token will take
+        self.last = -1
+
+    def accept(self, token: int, eos_ids, max_seq: int) -> str:
+        """Record a sampled token; return the text that may be shown now."""
+        out, params = self.out, self.params
+        if token in eos_ids:
+            out.finish_reason = "stop"
+            return self._flush(len(self.stream.text))
+        out.token_ids.append(token)
+        self.stream.push(token)
+        text = self.stream.text
+        for s in params.stop:
+            at = text.find(s, max(0, self.emitted - len(s)))
+            if at >= 0:
+                out.finish_reason = "stop"
+                return self._flush(at)
+        if len(out.token_ids) >= params.max_tokens or self.pos >= max_seq:
+            out.finish_reason = "length"
+            return self._flush(len(text))
+        hold = max((_overlap(text, s) for s in params.stop), default=0)  # may be the start of a stop string
+        return self._flush(len(text) - hold, final=False)
+
+    def _flush(self, end: int, final: bool = True) -> str:
+        text = self.stream.text
+        delta = text[self.emitted:end] if end > self.emitted else ""
+        self.emitted = max(self.emitted, end)
+        if final:
+            self.out.text = text[:end]
+        return delta
+
+
+def _overlap(text: str, stop: str) -> int:
+    """Length of the longest suffix of text that is a proper prefix of stop."""
+    for n in range(min(len(stop) - 1, len(text)), 0, -1):
+        if text.endswith(stop[:n]):
+            return n
+    return 0
+
+
+def generate(backend: Backend, tokenizer: Tokenizer, prompts: list[list[int]], params: list[SamplingParams],
+             on_text: Callable[[int, str], None] | None = None) -> list[Completion]:
+    """Run every prompt to completion; on_text(i, delta) streams prompt i's text as it is made."""
+    if len(prompts) != len(params):
+        raise ValueError("one SamplingParams per prompt")
+    for i, (ids, p) in enumerate(zip(prompts, params)):
+        p.validate()
+        if not ids:
+            raise AgentInputError(f"prompt {i}: empty")
+        if len(ids) >= backend.max_seq:
+            raise AgentInputError(f"prompt {i}: {len(ids)} tokens, but the model holds at most "
+                                  f"{backend.max_seq} positions (prompt + answer)")
+    eos = set(tokenizer.eos_ids)
+    waiting = [_Request(i, ids, p, tokenizer) for i, (ids, p) in enumerate(zip(prompts, params))]
+    waiting.reverse()
+    rows: list[Optional[_Request]] = [None] * backend.max_batch
+    done: list[Optional[Completion]] = [None] * len(prompts)
+
+    def admit(req: _Request, logits: np.ndarray):
+        delta = req.accept(sample(logits, req.params, req.rng), eos, backend.max_seq)
+        if delta and on_text:
+            on_text(req.index, delta)
+        if req.out.finish_reason:
+            done[req.index], rows[req.row] = req.out, None
+        else:
+            req.last = req.out.token_ids[-1]
+
+    while waiting or any(rows):
+        for row in range(backend.max_batch):
+            if rows[row] is None and waiting:
+                req = waiting.pop()
+                req.row, rows[row] = row, req
+                admit(req, backend.prefill(row, np.asarray(req.ids, dtype=np.int64)))
+        active = [r for r in rows if r is not None]
+        if not active:
+            continue
+        n = max(r.row for r in active) + 1
+        tokens, positions = np.zeros(n, np.int64), np.zeros(n, np.int64)
+        for r in active:
+            tokens[r.row], positions[r.row] = r.last, r.pos
+        logits = backend.decode(tokens, positions)
+        for r in active:
+            r.pos += 1
+            admit(r, logits[r.row])
+    return done

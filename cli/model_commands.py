@@ -1,0 +1,159 @@
+"""Subcommands on a Hugging Face model folder: tiny, generate, logits (torch is imported inside run)."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from agent.errors import AgentInputError
+
+DTYPE_CHOICES = ("fp32", "bf16", "fp16")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
+
+
+def _id_list(text: str) -> list[int]:
+    try:
+        ids = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not ids:
+        raise argparse.ArgumentTypeError("expected at least one token id")
+    return ids
+
+
+# --- tiny -------------------------------------------------------------------------------------------
+def tiny_arguments(p: argparse.ArgumentParser):
+    p.add_argument("out_dir", metavar="OUT_DIR", help="folder to create (must not exist, or be empty)")
+    p.add_argument("--variant", choices=("dense", "sparse", "ternary"), default="dense",
+                   help="dense; sparse (adds a scaled-down InfLLM v2 sparse_config); "
+                        "ternary (BitCPM4-style fake-quantized linear weights)")
+    p.add_argument("--seed", type=int, default=0, help="random seed of the weights (default 0)")
+    p.add_argument("--shards", type=_positive_int, default=1, help="split the weights into N safetensors files")
+    p.add_argument("--force", action="store_true", help="replace OUT_DIR if it exists")
+
+
+def tiny(args) -> int:
+    from export.tiny import write_tiny
+
+    path = write_tiny(args.out_dir, args.variant, seed=args.seed, shards=args.shards, overwrite=args.force)
+    print(f"wrote tiny {args.variant} MiniCPM4 model to {path}", file=sys.stderr)
+    return 0
+
+
+# --- generate ---------------------------------------------------------------------------------------
+def generate_arguments(p: argparse.ArgumentParser):
+    p.add_argument("model_dir", metavar="MODEL_DIR", help="Hugging Face MiniCPM4 folder")
+    p.add_argument("--prompt", required=True, help="the prompt text")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt as a user turn in the ChatML template")
+    p.add_argument("--system", help="system message (with --chat)")
+    p.add_argument("--max-tokens", type=_positive_int, default=128, help="tokens to generate at most (128)")
+    p.add_argument("--temperature", type=float, help="0 = greedy (default: generation_config.json, else 0)")
+    p.add_argument("--top-p", type=float, help="nucleus sampling mass (default: generation_config.json, else 1)")
+    p.add_argument("--top-k", type=int, help="sample among the K most likely tokens (default: no cut)")
+    p.add_argument("--seed", type=int, help="sampling seed (default: random)")
+    p.add_argument("--stop", action="append", default=[], help="stop when this text appears (repeatable)")
+    p.add_argument("--dtype", choices=DTYPE_CHOICES, default="fp32", help="compute dtype (default fp32)")
+
+
+def generate(args) -> int:
+    from agent.generation import SamplingParams, generate as run_generation
+    from agent.tokenizer import Tokenizer
+    from export.checkpoint import load_config
+
+    load_config(args.model_dir)  # is it MiniCPM4 at all? (before the tokenizer and the weights)
+    tokenizer = Tokenizer(args.model_dir)
+    if args.chat:
+        messages = ([{"role": "system", "content": args.system}] if args.system else [])
+        ids = tokenizer.encode_chat(messages + [{"role": "user", "content": args.prompt}])
+    else:
+        ids = tokenizer.encode(args.prompt)
+    d = tokenizer.defaults
+    params = SamplingParams(
+        max_tokens=args.max_tokens,
+        temperature=args.temperature if args.temperature is not None else d.get("temperature", 0.0),
+        top_p=args.top_p if args.top_p is not None else d.get("top_p", 1.0),
+        top_k=args.top_k if args.top_k is not None else d.get("top_k", 0),
+        seed=args.seed, stop=tuple(args.stop))
+    params.validate()
+    backend = load_torch_backend(args.model_dir, args.dtype, max_batch=1, max_seq=len(ids) + args.max_tokens)
+
+    def show(_, delta):
+        sys.stdout.write(delta)
+        sys.stdout.flush()
+
+    start = time.perf_counter()
+    (result,) = run_generation(backend, tokenizer, [ids], [params], on_text=show)
+    elapsed = time.perf_counter() - start
+    sys.stdout.write("\n")
+    print(f"[{len(ids)} prompt tokens, {len(result.token_ids)} generated, finish: {result.finish_reason}, "
+          f"{len(result.token_ids) / max(elapsed, 1e-9):.1f} tok/s]", file=sys.stderr)
+    return 0
+
+
+def load_torch_backend(model_dir, dtype: str, max_batch: int, max_seq: int):
+    """The torch model of a folder behind the backend interface, with the capacity the run needs."""
+    from export.checkpoint import DTYPES, load_config, load_model
+    from export.torch_backend import TorchBackend
+
+    config = load_config(model_dir)
+    model = load_model(model_dir, DTYPES[dtype], config=config)
+    return TorchBackend(model, max_batch=max_batch, max_seq=max_seq)
+
+
+# --- logits -----------------------------------------------------------------------------------------
+def logits_arguments(p: argparse.ArgumentParser):
+    p.add_argument("model_dir", metavar="MODEL_DIR", help="Hugging Face MiniCPM4 folder")
+    p.add_argument("--input-ids", type=_id_list, action="append", required=True, metavar="1,2,3",
+                   help="one row of token ids (repeat for a batch; rows must have equal length)")
+    p.add_argument("--out", required=True, help="output .npy file: float32 [batch, seq, vocab]")
+    p.add_argument("--dtype", choices=DTYPE_CHOICES, default="fp32", help="compute dtype (default fp32)")
+
+
+def logits(args) -> int:
+    import numpy as np
+
+    from export.checkpoint import load_config
+
+    rows = args.input_ids
+    if len({len(r) for r in rows}) != 1:
+        raise AgentInputError(f"--input-ids: rows have different lengths {[len(r) for r in rows]}; "
+                              f"run them separately (no padding is added)")
+    out = Path(args.out)
+    if not out.parent.is_dir() or not os.access(out.parent, os.W_OK):
+        raise AgentInputError(f"--out {out}: folder {out.parent} does not exist or is not writable")
+    config = load_config(args.model_dir)
+    bad = [i for r in rows for i in r if not 0 <= i < config.vocab_size]
+    if bad:
+        raise AgentInputError(f"--input-ids: token id {bad[0]} is outside the vocabulary "
+                              f"(0..{config.vocab_size - 1}) of {args.model_dir}/config.json")
+    backend = load_torch_backend(args.model_dir, args.dtype, max_batch=len(rows), max_seq=len(rows[0]))
+    result = backend.all_logits(np.asarray(rows, dtype=np.int64)).astype(np.float32)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.save(f, result)
+        os.replace(tmp, out)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    print(f"wrote logits {list(result.shape)} to {out}", file=sys.stderr)
+    return 0
+
+
+COMMANDS = [
+    ("tiny", tiny_arguments, tiny, "write a small random MiniCPM4 folder in Hugging Face format"),
+    ("generate", generate_arguments, generate, "stream a generated answer from a model folder"),
+    ("logits", logits_arguments, logits, "write fp32 logits of every position to a .npy file"),
+]

@@ -1,0 +1,170 @@
+"""Tokenizer (bos, ChatML, eos, streaming) and the shared generation loop (sampling, stops, batching)."""
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+
+from agent.generation import SamplingParams, generate, sample
+from agent.tokenizer import TextStream, Tokenizer
+from agent.errors import AgentInputError
+
+TEXTS = ["The robot arm picks up the red block.", "  leading spaces and ümlauts, 机器人, ☃ and 🤖 emoji",
+         "line one\nline two\ttab", "x"]
+
+
+@pytest.fixture(scope="module")
+def tok(tiny_dense):
+    return Tokenizer(tiny_dense)
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_roundtrip_and_bos(tok, text):
+    ids = tok.encode(text)
+    assert ids[0] == tok.bos_id == 1 and ids.count(1) == 1
+    assert tok.decode(ids) == text
+    assert tok.encode(text, bos=False) == ids[1:]
+
+
+def test_chat_template_uses_single_special_tokens(tok):
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi robot"}]
+    text = tok.render_chat(messages)
+    assert text == ("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi robot<|im_end|>\n"
+                    "<|im_start|>assistant\n")
+    ids = tok.encode_chat(messages)
+    im_start, im_end = 510, 511  # the tiny vocab puts them last, as the real one does
+    assert ids[0] == 1 and ids.count(im_start) == 3 and ids.count(im_end) == 2
+    assert tok.decode(ids).split() == text.replace("<|im_start|>", " ").replace("<|im_end|>", " ").split()
+
+
+def test_eos_is_the_union_of_config_and_generation_config(tiny_dense, tmp_path):
+    import json, shutil
+    path = shutil.copytree(tiny_dense, tmp_path / "m")
+    gen = json.loads((path / "generation_config.json").read_text())
+    gen["eos_token_id"] = 7
+    (path / "generation_config.json").write_text(json.dumps(gen))
+    assert Tokenizer(path).eos_ids == [2, 7, 511]
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_text_stream_equals_full_decode(tok, text):
+    ids = tok.encode(text, bos=False)
+    stream = TextStream(tok)
+    pieces = [stream.push(i) for i in ids]
+    assert "".join(pieces) == text == stream.text
+    assert all("\ufffd" not in p for p in pieces)
+
+
+def test_bad_messages(tok):
+    with pytest.raises(AgentInputError, match=r"messages\[1\]"):
+        tok.render_chat([{"role": "user", "content": "a"}, {"role": "robot", "content": "b"}])
+
+
+# --- sampling ---------------------------------------------------------------------------------------
+def softmax(x):
+    e = np.exp(x - x.max())
+    return e / e.sum()
+
+
+def test_greedy_and_degenerate_cuts_pick_the_argmax():
+    rng = np.random.default_rng()
+    logits = rng.normal(size=300).astype(np.float32)
+    best = int(np.argmax(logits))
+    assert sample(logits, SamplingParams(temperature=0), rng) == best
+    assert sample(logits, SamplingParams(temperature=1.0, top_k=1), rng) == best
+    assert sample(logits, SamplingParams(temperature=1.0, top_p=1e-9), rng) == best
+
+
+def test_sampling_follows_the_softmax():
+    """Frequencies of 20,000 draws at temperature 0.7 match softmax(logits / 0.7) (chi-square, 6 bins)."""
+    rng = np.random.default_rng()
+    logits = rng.normal(size=6).astype(np.float32)
+    p = softmax(logits.astype(np.float64) / 0.7)
+    n = 20_000
+    counts = np.bincount([sample(logits, SamplingParams(temperature=0.7), rng) for _ in range(n)], minlength=6)
+    chi2 = ((counts - n * p) ** 2 / (n * p)).sum()
+    assert chi2 < 25.7, (counts, n * p)  # 5 degrees of freedom: p < 1e-4 of a false alarm
+
+
+def test_top_k_and_top_p_restrict_the_support():
+    rng = np.random.default_rng()
+    logits = np.array([3.0, 2.5, 2.0, -1.0, -2.0, -3.0], np.float32)
+    seen_k = {sample(logits, SamplingParams(temperature=2.0, top_k=2), rng) for _ in range(400)}
+    assert seen_k == {0, 1}
+    p = softmax(logits.astype(np.float64))
+    top_p = float(p[0] + p[1] + 0.5 * p[2])  # needs the first three tokens to reach it
+    seen_p = {sample(logits, SamplingParams(temperature=1.0, top_p=top_p), rng) for _ in range(600)}
+    assert seen_p == {0, 1, 2}
+
+
+# --- the loop, with a scripted backend --------------------------------------------------------------
+class ScriptedBackend:
+    """Emits a fixed token sequence per row, whatever the input: lets a test steer text exactly."""
+
+    def __init__(self, scripts, vocab=512, max_batch=2, max_seq=64):
+        self.scripts, self.vocab, self.max_batch, self.max_seq = scripts, vocab, max_batch, max_seq
+        self.row_script, self.calls = {}, []
+
+    def _logits(self, token):
+        out = np.zeros(self.vocab, np.float32)
+        out[token] = 10.0
+        return out
+
+    def prefill(self, row, ids):
+        self.row_script[row] = iter(self.scripts[int(ids[-1])])
+        self.calls.append(("prefill", row, len(ids)))
+        return self._logits(next(self.row_script[row]))
+
+    def decode(self, tokens, positions):
+        self.calls.append(("decode", len(tokens), tuple(positions)))
+        return np.stack([self._logits(next(self.row_script.get(r, iter([0])), 0)) for r in range(len(tokens))])
+
+
+def test_stop_string_ends_the_answer_and_is_never_streamed(tok):
+    words = tok.encode("Hello robot. STOP here", bos=False)
+    backend = ScriptedBackend({5: words + [3] * 10})
+    streamed = []
+    (out,) = generate(backend, tok, [[1, 5]], [SamplingParams(max_tokens=30, stop=("STOP",))],
+                      on_text=lambda i, d: streamed.append(d))
+    assert out.text == "Hello robot. " and out.finish_reason == "stop"
+    assert "".join(streamed) == out.text
+
+
+def test_eos_and_max_tokens(tok):
+    text_ids = tok.encode("Hello robot", bos=False)
+    backend = ScriptedBackend({5: text_ids + [511, 3, 3], 6: [100] * 50})
+    a, b = generate(backend, tok, [[1, 5], [1, 6]], [SamplingParams(max_tokens=20), SamplingParams(max_tokens=7)])
+    assert (a.text, a.finish_reason, a.token_ids) == ("Hello robot", "stop", text_ids)
+    assert (len(b.token_ids), b.finish_reason) == (7, "length")
+
+
+def test_capacity_ends_with_length(tok):
+    backend = ScriptedBackend({5: [100] * 100}, max_seq=10)
+    (out,) = generate(backend, tok, [[1, 2, 3, 5]], [SamplingParams(max_tokens=50)])
+    assert out.finish_reason == "length" and len(out.token_ids) == 10 - 4 + 1
+    with pytest.raises(AgentInputError, match="at most 10 positions"):
+        generate(backend, tok, [list(range(10))], [SamplingParams()])
+
+
+def test_more_prompts_than_rows_wait_for_a_free_row(tok):
+    scripts = {k: [100 + k] * (k + 1) + [511] for k in range(5)}
+    backend = ScriptedBackend(scripts, max_batch=2)
+    outs = generate(backend, tok, [[1, k] for k in range(5)], [SamplingParams(max_tokens=40) for _ in range(5)])
+    assert [o.token_ids for o in outs] == [[100 + k] * (k + 1) for k in range(5)]
+    assert max(c[1] for c in backend.calls if c[0] == "decode") <= 2
+
+
+def test_batched_generation_equals_one_by_one_on_the_torch_model(tiny_dense):
+    """Greedy answers of 5 prompts through 3 cache rows equal each prompt run alone."""
+    from export.checkpoint import load_model
+    from export.torch_backend import TorchBackend
+
+    tokenizer = Tokenizer(tiny_dense)
+    model = load_model(tiny_dense)
+    prompts = [[1] + [random.randrange(3, 500) for _ in range(random.randint(3, 20))] for _ in range(5)]
+    params = [SamplingParams(max_tokens=random.randint(4, 16)) for _ in prompts]
+    batched = generate(TorchBackend(model, max_batch=3, max_seq=64), tokenizer, prompts, params)
+    for prompt, p, got in zip(prompts, params, batched):
+        (alone,) = generate(TorchBackend(model, max_batch=1, max_seq=64), tokenizer, [prompt], [p])
+        assert got.token_ids == alone.token_ids

@@ -109,6 +109,9 @@ def load_torch_backend(model_dir, dtype: str, max_batch: int, max_seq: int):
 
     config = load_config(model_dir)
     model = load_model(model_dir, DTYPES[dtype], config=config)
+    if config.sparse is not None:
+        from export.transforms import use_sparse_attention
+        use_sparse_attention(model)
     return TorchBackend(model, max_batch=max_batch, max_seq=max_seq)
 
 

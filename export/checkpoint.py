@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from export.model import LongRoPE, MiniCPM, MiniCPMConfig, SparseConfig
+from export.model import InfLLMv2Config, LongRoPE, MiniCPM, MiniCPMConfig
 
 log = logging.getLogger(__name__)
 
@@ -158,17 +158,17 @@ def parse_rope_scaling(rs, head_dim: int, bad) -> LongRoPE | None:
     return LongRoPE(factors["short_factor"], factors["long_factor"], original)
 
 
-def parse_sparse_config(sc, bad) -> SparseConfig | None:
+def parse_sparse_config(sc, bad) -> InfLLMv2Config | None:
     if sc is None:
         return None
     if not isinstance(sc, dict):
         raise bad("sparse_config", f"must be an object or null, got {sc!r}")
-    defaults = SparseConfig()
-    unknown = sorted(set(sc) - set(vars(defaults)))
+    defaults = vars(InfLLMv2Config())
+    unknown = sorted(set(sc) - set(defaults))
     if unknown:
         raise bad(f"sparse_config.{unknown[0]}", "is not an InfLLM v2 setting this kit knows")
     values = {}
-    for key, default in vars(defaults).items():
+    for key, default in defaults.items():
         value = sc.get(key, default)
         if isinstance(default, bool):
             if not isinstance(value, bool):
@@ -176,11 +176,10 @@ def parse_sparse_config(sc, bad) -> SparseConfig | None:
         elif isinstance(value, bool) or not isinstance(value, int) or value <= 0:
             raise bad(f"sparse_config.{key}", f"must be a positive integer, got {value!r}")
         values[key] = value
-    s = SparseConfig(**values)
-    if s.kernel_size % s.kernel_stride or s.block_size % s.kernel_stride or s.window_size % s.block_size:
-        raise bad("sparse_config", "needs kernel_stride | kernel_size, kernel_stride | block_size, "
-                                   "block_size | window_size")
-    return s
+    try:
+        return InfLLMv2Config(**values)
+    except ValueError as e:  # the config's own consistency checks
+        raise bad("sparse_config", str(e).removeprefix("sparse_config: ")) from None
 
 
 def weight_files(model_dir: Path) -> dict[str, Path]:

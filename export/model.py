@@ -15,6 +15,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from trt_plugins.attention.reference import InfLLMv2Config, attention_ref
+
 
 @dataclass
 class LongRoPE:
@@ -22,19 +24,6 @@ class LongRoPE:
     short_factor: list[float]
     long_factor: list[float]
     original_max: int
-
-
-@dataclass
-class SparseConfig:
-    """InfLLM v2 settings (`sparse_config` in config.json); published values are the defaults."""
-    kernel_size: int = 32
-    kernel_stride: int = 16
-    init_blocks: int = 1
-    block_size: int = 64
-    window_size: int = 2048
-    topk: int = 64
-    use_nope: bool = False
-    dense_len: int = 8192
 
 
 @dataclass
@@ -55,7 +44,7 @@ class MiniCPMConfig:
     tie_word_embeddings: bool = True
     bos_token_id: int = 1
     eos_token_ids: list[int] = field(default_factory=lambda: [2])
-    sparse: Optional[SparseConfig] = None
+    sparse: Optional[InfLLMv2Config] = None  # sparse_config: InfLLM v2 (use_sparse_attention)
     head_dim: int = 0                          # derived
 
     def __post_init__(self):
@@ -91,20 +80,9 @@ class KVCache(nn.Module):
 
 # The attention op: (q (B, H, T, D), k (B, Hkv, S, D), v, q_pos (B, T)) -> (B, H, T, D).
 # Key j of a row is visible to a query at position p when j <= p; keys past a row's length are never
-# visible because they sit at positions greater than every query of that row.
+# visible because they sit at positions greater than every query of that row. The default is dense causal
+# attention (trt_plugins/attention/reference.py holds the definition, shared with the kernels' tests).
 AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor) -> torch.Tensor:
-    """Causal GQA softmax attention over the cache, softmax in fp32."""
-    group = q.shape[1] // k.shape[1]
-    k = k.repeat_interleave(group, dim=1)  # (B, H, S, D)
-    v = v.repeat_interleave(group, dim=1)
-    scores = (q @ k.transpose(-1, -2)).float() / math.sqrt(q.shape[-1])  # (B, H, T, S)
-    key_pos = torch.arange(k.shape[2], device=q.device)
-    visible = key_pos[None, None, None, :] <= q_pos[:, None, :, None]  # (B, 1, T, S)
-    scores = scores.masked_fill(~visible, float("-inf"))
-    return torch.softmax(scores, dim=-1).to(v.dtype) @ v
 
 
 class MiniCPM(nn.Module):
@@ -173,7 +151,7 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(config.hidden_size, hkv * d, bias=False)
         self.o_proj = nn.Linear(h * d, config.hidden_size, bias=False)
         self.kv_cache: Optional[KVCache] = None
-        self.attend: AttentionFn = dense_attention
+        self.attend: AttentionFn = attention_ref
 
     def forward(self, x, pos, cos, sin, first_row=0):
         B, T, _ = x.shape

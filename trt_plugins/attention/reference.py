@@ -1,0 +1,161 @@
+"""Attention, the definition: dense causal GQA attention and InfLLM v2 sparse block attention, in torch.
+
+Every other implementation (Triton kernels, the TensorRT plugin, the ONNX portable graph) is tested
+against these functions. Semantics of InfLLM v2 (MiniCPM4, June 2025) are written out in README.md beside
+this file. Shapes: q (B, H, T, D); k, v (B, Hkv, S, D) the whole cache; q_pos (B, T) the position of each
+query. Key j of a row is visible to a query at position p iff j <= p.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+
+@dataclass(frozen=True)
+class InfLLMv2Config:
+    """The `sparse_config` of a MiniCPM4 config.json; defaults are the published values."""
+    kernel_size: int = 32
+    kernel_stride: int = 16
+    init_blocks: int = 1
+    block_size: int = 64
+    window_size: int = 2048
+    topk: int = 64
+    use_nope: bool = False
+    dense_len: int = 8192
+
+    def __post_init__(self):
+        if self.use_nope:
+            raise ValueError("sparse_config.use_nope=true (kernels on pre-RoPE keys) is not supported; "
+                             "the released MiniCPM4 models use false")
+        if self.block_size % self.kernel_stride or self.kernel_size % self.kernel_stride:
+            raise ValueError("sparse_config: kernel_stride must divide kernel_size and block_size")
+        if self.window_size % self.block_size:
+            raise ValueError("sparse_config: block_size must divide window_size")
+        if self.topk <= self.init_blocks:
+            raise ValueError("sparse_config: topk must exceed init_blocks")
+
+    @property
+    def window_blocks(self) -> int:
+        return self.window_size // self.block_size
+
+    @property
+    def max_selected(self) -> int:
+        """Blocks one query attends at most: init + best (topk - init) + the local window."""
+        return self.topk + self.window_blocks
+
+
+def attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor,
+                  block_mask: Optional[torch.Tensor] = None, block_size: int = 0) -> torch.Tensor:
+    """Causal GQA softmax attention, softmax in fp32; with block_mask (B, Hkv, T, NB) only keys of the
+    selected blocks of block_size tokens take part (one selection per GQA group)."""
+    B, H, T, D = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    group = H // Hkv
+    qg = q.view(B, Hkv, group, T, D)
+    scores = torch.einsum("bhgtd,bhsd->bhgts", qg.float(), k.float()) / math.sqrt(D)  # (B, Hkv, G, T, S)
+    visible = torch.arange(S, device=q.device)[None, None, :] <= q_pos[:, :, None]  # (B, T, S)
+    visible = visible[:, None, None]  # (B, 1, 1, T, S)
+    if block_mask is not None:
+        token_mask = block_mask.repeat_interleave(block_size, dim=-1)[..., :S]  # (B, Hkv, T, S)
+        visible = visible & token_mask[:, :, None]
+    scores = scores.masked_fill(~visible, float("-inf"))
+    probs = torch.softmax(scores, dim=-1).to(v.dtype)
+    out = torch.einsum("bhgts,bhsd->bhgtd", probs, v)  # (B, Hkv, G, T, D)
+    return out.reshape(B, H, T, D)
+
+
+# --- InfLLM v2 ----------------------------------------------------------------------------------------
+def visible_kernels(q_pos: torch.Tensor, cfg: InfLLMv2Config) -> torch.Tensor:
+    """How many compressed keys a query at each position may see: kernel j covers keys
+    [j*stride, j*stride + kernel_size) and is visible once that chunk has ended (j*stride + size - 1 <= t)."""
+    return torch.div(q_pos - cfg.kernel_size + 1, cfg.kernel_stride, rounding_mode="floor").add(1).clamp_min(0)
+
+
+def compress_keys(k: torch.Tensor, cfg: InfLLMv2Config) -> torch.Tensor:
+    """Semantic kernels without parameters: the mean of each chunk of kernel_size keys, every
+    kernel_stride keys. k (B, Hkv, S, D) -> (B, Hkv, NK, D) fp32, NK = (S - size) // stride + 1."""
+    if k.shape[2] < cfg.kernel_size:
+        return k.new_zeros(k.shape[0], k.shape[1], 0, k.shape[3], dtype=torch.float32)
+    chunks = k.float().unfold(2, cfg.kernel_size, cfg.kernel_stride)  # (B, Hkv, NK, D, size)
+    return chunks.mean(dim=-1)
+
+
+def append_compressed_keys(kc: torch.Tensor, k: torch.Tensor, old_len: int, new_len: int,
+                           cfg: InfLLMv2Config) -> torch.Tensor:
+    """Decode's incremental form of compress_keys: the kernels completed by keys old_len..new_len-1.
+
+    kc (B, Hkv, NKmax, D) is updated in place and returned. The keys not yet in a kernel (the 'tail' of
+    at most kernel_size keys) live in the KV cache itself, so no separate tail buffer is needed.
+    """
+    first = visible_kernels(torch.tensor(old_len - 1), cfg).item() if old_len > 0 else 0
+    last = visible_kernels(torch.tensor(new_len - 1), cfg).item()
+    for j in range(first, last):
+        start = j * cfg.kernel_stride
+        kc[:, :, j] = k[:, :, start:start + cfg.kernel_size].float().mean(dim=2)
+    return kc
+
+
+def stage1_scores(q: torch.Tensor, kc: torch.Tensor, q_pos: torch.Tensor, cfg: InfLLMv2Config) -> torch.Tensor:
+    """S[j] = sum over the heads of a GQA group of softmax_j(q . Kc[j] / sqrt(D)) over visible kernels.
+    q (B, H, T, D), kc (B, Hkv, NK, D) -> (B, Hkv, T, NK) fp32; invisible kernels score 0."""
+    B, H, T, D = q.shape
+    Hkv, NK = kc.shape[1], kc.shape[2]
+    qg = q.float().view(B, Hkv, H // Hkv, T, D)
+    logits = torch.einsum("bhgtd,bhjd->bhgtj", qg, kc.float()) / math.sqrt(D)  # (B, Hkv, G, T, NK)
+    visible = torch.arange(NK, device=q.device)[None, None, :] < visible_kernels(q_pos, cfg)[:, :, None]
+    logits = logits.masked_fill(~visible[:, None, None], float("-inf"))
+    probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)  # a row with no visible kernel: all 0
+    return probs.sum(dim=2)
+
+
+def block_scores(s: torch.Tensor, n_blocks: int, cfg: InfLLMv2Config) -> torch.Tensor:
+    """Max-pool kernel scores to blocks: block b takes kernels b*r - 1 .. b*r + r - 1 (r = block/stride),
+    the kernels overlapping it when kernel_size = 2 * stride. (B, Hkv, T, NK) -> (B, Hkv, T, n_blocks)."""
+    r = cfg.block_size // cfg.kernel_stride
+    need = n_blocks * r + 1  # one kernel of padding on the left, enough on the right
+    padded = torch.zeros(*s.shape[:-1], need, dtype=s.dtype, device=s.device)  # scores are >= 0
+    take = min(s.shape[-1], need - 1)
+    padded[..., 1:1 + take] = s[..., :take]
+    return padded.unfold(-1, r + 1, r).amax(dim=-1)  # (B, Hkv, T, n_blocks)
+
+
+def select_blocks(scores: torch.Tensor, q_pos: torch.Tensor, cfg: InfLLMv2Config) -> torch.Tensor:
+    """Block mask (B, Hkv, T, NB): the init blocks, the local window ending at the query's own block, and
+    the best topk - init_blocks blocks strictly before the window (ties go to the lower block index)."""
+    NB = scores.shape[-1]
+    b = torch.arange(NB, device=scores.device)
+    own = torch.div(q_pos, cfg.block_size, rounding_mode="floor")[:, None, :, None]  # (B, 1, T, 1)
+    init = (b < cfg.init_blocks) & (b <= own)
+    window = (b <= own) & (b > own - cfg.window_blocks)
+    candidate = (b <= own - cfg.window_blocks) & ~init
+    ranked = scores.masked_fill(~candidate, float("-inf"))
+    order = torch.sort(ranked, dim=-1, descending=True, stable=True).indices  # stable: lower index first
+    n_pick = cfg.topk - cfg.init_blocks
+    chosen = torch.zeros_like(candidate.expand_as(scores))
+    chosen.scatter_(-1, order[..., :n_pick], True)
+    return init | window | (chosen & candidate)
+
+
+def sparse_block_mask(q: torch.Tensor, k: torch.Tensor, q_pos: torch.Tensor, cfg: InfLLMv2Config) -> torch.Tensor:
+    """Stages 1 and 2 of the selection, from the whole key cache: (B, Hkv, T, NB) bool."""
+    n_blocks = -(-k.shape[2] // cfg.block_size)
+    s = stage1_scores(q, compress_keys(k, cfg), q_pos, cfg)
+    return select_blocks(block_scores(s, n_blocks, cfg), q_pos, cfg)
+
+
+def dense_rows(q_pos: torch.Tensor, cfg: InfLLMv2Config) -> torch.Tensor:
+    """Rows whose kv length (last query position + 1) is below dense_len attend densely. (B,) bool."""
+    return q_pos.amax(dim=1) + 1 < cfg.dense_len
+
+
+def infllm_v2_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor,
+                            cfg: InfLLMv2Config) -> torch.Tensor:
+    """InfLLM v2: dense below dense_len, else block-sparse attention over the selected blocks."""
+    dense = dense_rows(q_pos, cfg)
+    if bool(dense.all()):
+        return attention_ref(q, k, v, q_pos)
+    mask = sparse_block_mask(q, k, q_pos, cfg) | dense[:, None, None, None]
+    return attention_ref(q, k, v, q_pos, mask, cfg.block_size)

@@ -1,7 +1,20 @@
 """Shared fixtures: tiny MiniCPM4 folders made once per test session (no model hub)."""
 from __future__ import annotations
 
+import os
+
 import pytest
+import torch
+
+# Triton kernels run on CPU tensors in Triton's interpreter when there is no GPU. It must be chosen before
+# any kernel module is imported (triton.jit reads it when it decorates).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+
+
+def pytest_report_header(config):
+    return [f"Triton kernels: {'interpreter on CPU' if os.environ.get('TRITON_INTERPRET') == '1' else 'CUDA'}"]
 
 
 @pytest.fixture(scope="session")

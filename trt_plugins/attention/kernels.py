@@ -1,0 +1,223 @@
+"""Triton kernels for attention: InfLLM v2 stage-1 scoring and block-sparse flash attention.
+
+One program per (query token, batch row x kv head). The query heads of one GQA group are loaded together
+as the M dimension of tl.dot (padded to 16, tl.dot's minimum), so one selection and one pass over the keys
+serve the whole group — the point of InfLLM v2's shared selection. Dense attention is the same kernel
+visiting every block up to the query's own (DENSE=True): the engine uses it for short contexts and for
+models without sparse_config.
+
+Block pooling and top-k stay in torch (reference.block_scores / select_blocks): they work on at most a few
+thousand block scores per token, which torch.sort handles in one launch, and the tie rule (lower block index
+first) is then the reference's by construction rather than re-implemented.
+
+Runs on CUDA, or on CPU tensors with TRITON_INTERPRET=1 (the tests).
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from trt_plugins.attention.reference import (InfLLMv2Config, block_scores, compress_keys, dense_rows,
+                                             select_blocks)
+
+MIN_DOT = 16  # tl.dot needs M, N, K >= 16
+# Triton's interpreter (3.9) computes tl.dot on bf16 operands wrongly (it reads the raw bits); under the
+# interpreter the kernels upcast their dot operands to fp32. On a GPU the operands keep their dtype.
+UPCAST_DOTS = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def group_pad(group: int) -> int:
+    return max(MIN_DOT, triton.next_power_of_2(group))
+
+
+@triton.jit
+def stage1_scores_kernel(
+        Q, KC, POS, OUT,
+        stride_qb, stride_qh, stride_qt, stride_qd,
+        stride_kb, stride_kh, stride_kj, stride_kd,
+        stride_pb, stride_pt,
+        stride_ob, stride_oh, stride_ot, stride_oj,
+        n_kv_heads, n_kernels, kernel_size, kernel_stride, scale,
+        GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_J: tl.constexpr):
+    """OUT[b, h, t, j] = sum over the group's heads of softmax_j(q . kc[j] * scale), 0 where invisible."""
+    t = tl.program_id(0)
+    b = tl.program_id(1) // n_kv_heads
+    h = tl.program_id(1) % n_kv_heads
+    pos = tl.load(POS + b * stride_pb + t * stride_pt)
+    n_vis = tl.where(pos >= kernel_size - 1, (pos - kernel_size + 1) // kernel_stride + 1, 0)
+    n_vis = tl.minimum(n_vis, n_kernels)
+
+    g = tl.arange(0, GROUP_PAD)
+    d = tl.arange(0, HEAD_DIM)
+    q = tl.load(Q + b * stride_qb + (h * GROUP + g)[:, None] * stride_qh + t * stride_qt + d[None, :] * stride_qd,
+                mask=g[:, None] < GROUP, other=0.0).to(tl.float32)
+    kc_base = KC + b * stride_kb + h * stride_kh + d[None, :] * stride_kd
+
+    # Pass 1: softmax statistics per head over the visible kernels (online max and sum).
+    m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+    l = tl.zeros([GROUP_PAD], tl.float32)
+    for j0 in range(0, n_vis, BLOCK_J):
+        j = j0 + tl.arange(0, BLOCK_J)
+        kc = tl.load(kc_base + j[:, None] * stride_kj, mask=j[:, None] < n_vis, other=0.0)
+        s = tl.dot(q, tl.trans(kc), input_precision="ieee") * scale  # (GROUP_PAD, BLOCK_J)
+        s = tl.where(j[None, :] < n_vis, s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, axis=1))
+        l = l * tl.exp(m - m_new) + tl.sum(tl.exp(s - m_new[:, None]), axis=1)
+        m = m_new
+
+    # Pass 2: probabilities summed over the group's heads; every kernel slot is written (0 if invisible).
+    out_base = OUT + b * stride_ob + h * stride_oh + t * stride_ot
+    for j0 in range(0, n_kernels, BLOCK_J):
+        j = j0 + tl.arange(0, BLOCK_J)
+        kc = tl.load(kc_base + j[:, None] * stride_kj, mask=j[:, None] < n_vis, other=0.0)
+        s = tl.dot(q, tl.trans(kc), input_precision="ieee") * scale
+        p = tl.exp(s - m[:, None]) / l[:, None]
+        p = tl.where((g[:, None] < GROUP) & (j[None, :] < n_vis), p, 0.0)
+        tl.store(out_base + j * stride_oj, tl.sum(p, axis=0), mask=j < n_kernels)
+
+
+@triton.jit
+def block_attention_kernel(
+        Q, K, V, O, POS, BLOCK_IDX, BLOCK_CNT,
+        stride_qb, stride_qh, stride_qt, stride_qd,
+        stride_kb, stride_kh, stride_ks, stride_kd,
+        stride_vb, stride_vh, stride_vs, stride_vd,
+        stride_ob, stride_oh, stride_ot, stride_od,
+        stride_pb, stride_pt,
+        stride_ib, stride_ih, stride_it, stride_ii,
+        stride_cb, stride_ch, stride_ct,
+        n_kv_heads, scale,
+        GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+        DENSE: tl.constexpr, UPCAST: tl.constexpr):
+    """Flash attention of one query token (all heads of its GQA group) over a list of key blocks.
+
+    DENSE: visit blocks 0 .. pos // BLOCK_N; else the BLOCK_CNT[b, h, t] blocks listed in BLOCK_IDX.
+    Keys past the query's position are masked inside each block (token-level causality).
+    """
+    t = tl.program_id(0)
+    b = tl.program_id(1) // n_kv_heads
+    h = tl.program_id(1) % n_kv_heads
+    pos = tl.load(POS + b * stride_pb + t * stride_pt)
+
+    g = tl.arange(0, GROUP_PAD)
+    d = tl.arange(0, HEAD_DIM)
+    n = tl.arange(0, BLOCK_N)
+    q = tl.load(Q + b * stride_qb + (h * GROUP + g)[:, None] * stride_qh + t * stride_qt + d[None, :] * stride_qd,
+                mask=g[:, None] < GROUP, other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+    k_base = K + b * stride_kb + h * stride_kh + d[None, :] * stride_kd
+    v_base = V + b * stride_vb + h * stride_vh + d[None, :] * stride_vd
+
+    m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+    l = tl.zeros([GROUP_PAD], tl.float32)
+    acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
+    if DENSE:
+        count = pos // BLOCK_N + 1
+    else:
+        count = tl.load(BLOCK_CNT + b * stride_cb + h * stride_ch + t * stride_ct)
+    idx_base = BLOCK_IDX + b * stride_ib + h * stride_ih + t * stride_it
+    for i in range(0, count):
+        if DENSE:
+            block = i
+        else:
+            block = tl.load(idx_base + i * stride_ii)
+        keys = block * BLOCK_N + n
+        visible = keys <= pos
+        k = tl.load(k_base + keys[:, None] * stride_ks, mask=visible[:, None], other=0.0)
+        if UPCAST:
+            k = k.to(tl.float32)
+        s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale  # (GROUP_PAD, BLOCK_N) fp32
+        s = tl.where(visible[None, :], s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, axis=1))
+        alpha = tl.exp(m - m_new)
+        p = tl.exp(s - m_new[:, None])
+        l = l * alpha + tl.sum(p, axis=1)
+        v = tl.load(v_base + keys[:, None] * stride_vs, mask=visible[:, None], other=0.0)
+        if UPCAST:
+            v = v.to(tl.float32)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+        m = m_new
+    out = acc / l[:, None]
+    tl.store(O + b * stride_ob + (h * GROUP + g)[:, None] * stride_oh + t * stride_ot + d[None, :] * stride_od,
+             out.to(O.dtype.element_ty), mask=g[:, None] < GROUP)
+
+
+def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor):
+    if q.dim() != 4 or k.dim() != 4 or k.shape != v.shape:
+        raise ValueError(f"expected q (B, H, T, D) and k, v (B, Hkv, S, D); got {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+    if q.shape[1] % k.shape[1] or q.shape[3] != k.shape[3] or q.shape[0] != k.shape[0]:
+        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} do not form GQA groups")
+    if q.shape[3] not in (64, 128):
+        raise ValueError(f"head_dim {q.shape[3]} is not supported (64 or 128)")
+    if q_pos.shape != (q.shape[0], q.shape[2]):
+        raise ValueError(f"q_pos must be (B, T) = {(q.shape[0], q.shape[2])}, got {tuple(q_pos.shape)}")
+
+
+def stage1_scores(q: torch.Tensor, kc: torch.Tensor, q_pos: torch.Tensor, cfg: InfLLMv2Config) -> torch.Tensor:
+    """Triton version of reference.stage1_scores: (B, Hkv, T, NK) fp32."""
+    B, H, T, D = q.shape
+    Hkv, NK = kc.shape[1], kc.shape[2]
+    out = torch.empty(B, Hkv, T, NK, device=q.device, dtype=torch.float32)
+    if NK == 0:
+        return out
+    pos = q_pos.to(torch.int32)
+    stage1_scores_kernel[(T, B * Hkv)](
+        q, kc, pos, out, *q.stride(), *kc.stride(), *pos.stride(), *out.stride(),
+        Hkv, NK, cfg.kernel_size, cfg.kernel_stride, 1.0 / math.sqrt(D),
+        GROUP=H // Hkv, GROUP_PAD=group_pad(H // Hkv), HEAD_DIM=D, BLOCK_J=64)
+    return out
+
+
+def block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor,
+                    block_size: int, block_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Attention over the blocks of block_mask (B, Hkv, T, NB), or dense causal attention when None."""
+    _check(q, k, v, q_pos)
+    B, H, T, D = q.shape
+    Hkv = k.shape[1]
+    out = torch.empty_like(q)
+    pos = q_pos.to(torch.int32)
+    if block_mask is None:
+        idx = cnt = torch.zeros(1, 1, 1, 1, dtype=torch.int32, device=q.device)
+        cnt = cnt[..., 0]
+    else:
+        NB = block_mask.shape[-1]
+        cnt = block_mask.sum(-1, dtype=torch.int32)  # (B, Hkv, T)
+        width = max(int(cnt.max()), 1)
+        order = torch.where(block_mask, torch.arange(NB, device=q.device), NB)
+        idx = torch.sort(order, dim=-1).values[..., :width].to(torch.int32).contiguous()  # ascending blocks
+    block_attention_kernel[(T, B * Hkv)](
+        q, k, v, out, pos, idx, cnt,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *pos.stride(), *idx.stride(), *cnt.stride(),
+        Hkv, 1.0 / math.sqrt(D),
+        GROUP=H // Hkv, GROUP_PAD=group_pad(H // Hkv), HEAD_DIM=D, BLOCK_N=block_size,
+        DENSE=block_mask is None, UPCAST=UPCAST_DOTS)
+    return out
+
+
+def dense_attention(q, k, v, q_pos, block_size: int = 64):
+    """Dense causal GQA attention with the block kernel (every block up to the query's own)."""
+    return block_attention(q, k, v, q_pos, block_size)
+
+
+def infllm_v2_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor,
+                        cfg: InfLLMv2Config) -> torch.Tensor:
+    """reference.infllm_v2_attention_ref with the Triton kernels doing the heavy parts."""
+    _check(q, k, v, q_pos)
+    dense = dense_rows(q_pos, cfg)
+    if bool(dense.all()):
+        return block_attention(q, k, v, q_pos, cfg.block_size)
+    n_blocks = -(-k.shape[2] // cfg.block_size)
+    kc = compress_keys(k, cfg)
+    scores = stage1_scores(q, kc, q_pos, cfg)
+    mask = select_blocks(block_scores(scores, n_blocks, cfg), q_pos, cfg)
+    own_block = torch.div(q_pos, cfg.block_size, rounding_mode="floor")[:, None, :, None]  # (B, 1, T, 1)
+    causal = torch.arange(n_blocks, device=q.device) <= own_block
+    mask = mask | (dense[:, None, None, None] & causal)
+    return block_attention(q, k, v, q_pos, cfg.block_size, mask)
+

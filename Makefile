@@ -4,7 +4,7 @@ VENV       ?= .venv
 # On these machines torch must be asked for exactly like this (a CPU build on local disk); elsewhere
 # override it, e.g. TORCH_SPEC="torch==2.5.1" or TORCH_SPEC="torch --index-url https://download.pytorch.org/whl/cpu".
 TORCH_SPEC ?= torch==2.13.0
-EXTRAS     ?= export,onnxruntime,test
+EXTRAS     ?= export,kernels,onnxruntime,test
 PY         := $(VENV)/bin/python
 CPM        := $(VENV)/bin/cpm-edge
 BUILD      ?= build

@@ -64,7 +64,7 @@ def generate_arguments(p: argparse.ArgumentParser):
     p.add_argument("--top-k", type=int, help="sample among the K most likely tokens (default: no cut)")
     p.add_argument("--seed", type=int, help="sampling seed (default: random)")
     p.add_argument("--stop", action="append", default=[], help="stop when this text appears (repeatable)")
-    p.add_argument("--dtype", choices=DTYPE_CHOICES, default="fp32", help="compute dtype (default fp32)")
+    add_model_options(p)
 
 
 def generate(args) -> int:
@@ -87,7 +87,7 @@ def generate(args) -> int:
         top_k=args.top_k if args.top_k is not None else d.get("top_k", 0),
         seed=args.seed, stop=tuple(args.stop))
     params.validate()
-    backend = load_torch_backend(args.model_dir, args.dtype, max_batch=1, max_seq=len(ids) + args.max_tokens)
+    backend = load_torch_backend(args, max_batch=1, max_seq=len(ids) + args.max_tokens)
 
     def show(_, delta):
         sys.stdout.write(delta)
@@ -102,17 +102,32 @@ def generate(args) -> int:
     return 0
 
 
-def load_torch_backend(model_dir, dtype: str, max_batch: int, max_seq: int):
-    """The torch model of a folder behind the backend interface, with the capacity the run needs."""
+def load_torch_backend(args, max_batch: int, max_seq: int):
+    """The torch model of a folder behind the backend interface, with the capacity the run needs.
+
+    A sparse_config turns on InfLLM v2; --ternary packed runs BitCPM4 projections from 2-bit codes.
+    """
     from export.checkpoint import DTYPES, load_config, load_model
     from export.torch_backend import TorchBackend
+    from export.transforms import pack_ternary, use_sparse_attention
 
-    config = load_config(model_dir)
-    model = load_model(model_dir, DTYPES[dtype], config=config)
+    config = load_config(args.model_dir)
+    model = load_model(args.model_dir, DTYPES[args.dtype], config=config)
     if config.sparse is not None:
-        from export.transforms import use_sparse_attention
         use_sparse_attention(model)
+    if args.ternary == "packed":
+        from trt_plugins.ternary.reference import NotTernaryError
+        try:
+            pack_ternary(model)
+        except NotTernaryError as e:
+            raise AgentInputError(f"--ternary packed: {e}; this is not a BitCPM4 checkpoint") from None
     return TorchBackend(model, max_batch=max_batch, max_seq=max_seq)
+
+
+def add_model_options(p: argparse.ArgumentParser):
+    p.add_argument("--dtype", choices=DTYPE_CHOICES, default="fp32", help="compute dtype (default fp32)")
+    p.add_argument("--ternary", choices=("off", "packed"), default="off",
+                   help="packed: run a BitCPM4 checkpoint's projections from 2-bit packed weights")
 
 
 # --- logits -----------------------------------------------------------------------------------------
@@ -121,7 +136,7 @@ def logits_arguments(p: argparse.ArgumentParser):
     p.add_argument("--input-ids", type=_id_list, action="append", required=True, metavar="1,2,3",
                    help="one row of token ids (repeat for a batch; rows must have equal length)")
     p.add_argument("--out", required=True, help="output .npy file: float32 [batch, seq, vocab]")
-    p.add_argument("--dtype", choices=DTYPE_CHOICES, default="fp32", help="compute dtype (default fp32)")
+    add_model_options(p)
 
 
 def logits(args) -> int:
@@ -141,7 +156,7 @@ def logits(args) -> int:
     if bad:
         raise AgentInputError(f"--input-ids: token id {bad[0]} is outside the vocabulary "
                               f"(0..{config.vocab_size - 1}) of {args.model_dir}/config.json")
-    backend = load_torch_backend(args.model_dir, args.dtype, max_batch=len(rows), max_seq=len(rows[0]))
+    backend = load_torch_backend(args, max_batch=len(rows), max_seq=len(rows[0]))
     result = backend.all_logits(np.asarray(rows, dtype=np.int64)).astype(np.float32)
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
     try:

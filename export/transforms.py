@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import functools
 
+import torch
+
 from export.model import MiniCPM
 
 
@@ -23,4 +25,44 @@ def use_sparse_attention(model: MiniCPM, impl: str = "reference") -> MiniCPM:
         raise ValueError(f"impl must be 'reference' or 'triton', got {impl!r}")
     for layer in model.layers:
         layer.self_attn.attend = functools.partial(fn, cfg=cfg)
+    return model
+
+
+TERNARY_PROJECTIONS = {"self_attn": ("q_proj", "k_proj", "v_proj", "o_proj"),
+                       "mlp": ("gate_proj", "up_proj", "down_proj")}
+
+
+class TernaryLinear(torch.nn.Module):
+    """A linear layer that keeps only 2-bit codes and scales (BitCPM4), computing x @ W^T from them."""
+
+    def __init__(self, packed, impl: str):
+        super().__init__()
+        self.register_buffer("packed", packed.packed)
+        self.register_buffer("scales", packed.scales)
+        self.in_features, self.layout = packed.in_features, packed.layout
+        if impl == "reference":
+            from trt_plugins.ternary.reference import ternary_linear_ref as fn
+        elif impl == "triton":
+            from trt_plugins.ternary.kernels import ternary_linear as fn
+        else:
+            raise ValueError(f"impl must be 'reference' or 'triton', got {impl!r}")
+        self.fn = fn
+
+    def forward(self, x):
+        from trt_plugins.ternary.reference import PackedTernary
+        return self.fn(x, PackedTernary(self.packed, self.scales, self.in_features, self.layout))
+
+
+def pack_ternary(model: MiniCPM, impl: str = "reference") -> MiniCPM:
+    """Replace every attention and MLP projection by its packed ternary form (embeddings, norms and the
+    lm_head stay float). Raises NotTernaryError naming the first weight that is not ternary."""
+    from trt_plugins.ternary.reference import pack
+
+    for i, layer in enumerate(model.layers):
+        for block_name, projections in TERNARY_PROJECTIONS.items():
+            block = getattr(layer, block_name)
+            for name in projections:
+                weight = getattr(block, name).weight.data
+                packed = pack(weight, name=f"model.layers.{i}.{block_name}.{name}.weight")
+                setattr(block, name, TernaryLinear(packed, impl))
     return model

@@ -113,3 +113,20 @@ def test_sparse_with_every_block_selected_equals_dense(seed):
     q, k, v = qkv(B, group, Hkv, 4, S, D)
     pos = torch.randint(0, S, (B, 4), device=DEVICE)
     assert_close(kernels.infllm_v2_attention(q, k, v, pos, cfg), attention_ref(q, k, v, pos), ATOL_FP32)
+
+
+def test_model_with_triton_kernels_equals_reference(tiny_models, seed):
+    """The tiny sparse model end to end: InfLLM v2 by Triton vs by the reference, past dense_len."""
+    from export.checkpoint import load_model
+    from export.transforms import use_sparse_attention
+
+    path = tiny_models["sparse"]
+    T = random.randint(140, 180)
+    ids = torch.randint(3, 500, (1, T))
+    logits = {}
+    for impl in ("reference", "triton"):
+        model = use_sparse_attention(load_model(path), impl)
+        model.setup_cache(1, T)
+        with torch.inference_mode():
+            logits[impl] = model(ids, torch.arange(T)[None])
+    assert_close(logits["triton"], logits["reference"], 2e-4)

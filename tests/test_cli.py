@@ -172,3 +172,49 @@ def test_installed_command_exit_status(tmp_path):
                           text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
     assert "config.json" in proc.stderr and "model_type" in proc.stderr
+
+
+def test_sparse_checkpoint_runs_sparse_attention(tiny_models, tmp_path, capsys):
+    """A prompt longer than dense_len: `logits` equals the model under use_sparse_attention, not dense."""
+    import torch
+    from export.checkpoint import load_model
+    from export.transforms import use_sparse_attention
+
+    path = tiny_models["sparse"]
+    ids = [random.randrange(3, 500) for _ in range(random.randint(200, 260))]
+    out = tmp_path / "s.npy"
+    code, _, err = run_cli(capsys, "logits", path, "--input-ids", ",".join(map(str, ids)), "--out", out)
+    assert code == 0, err
+    got = np.load(out)[0]
+    with torch.inference_mode():
+        dense = load_model(path)
+        dense.setup_cache(1, len(ids))
+        dense_logits = dense(torch.tensor([ids]), torch.arange(len(ids))[None])[0].numpy()
+        sparse = use_sparse_attention(load_model(path))
+        sparse.setup_cache(1, len(ids))
+        sparse_logits = sparse(torch.tensor([ids]), torch.arange(len(ids))[None])[0].numpy()
+    np.testing.assert_allclose(got, sparse_logits, atol=2e-4, rtol=0)
+    assert np.abs(got - dense_logits).max() > 1e-3
+
+
+def test_ternary_packed_equals_fake_quantized(tiny_models, tmp_path, capsys):
+    ids = ",".join(str(random.randrange(3, 500)) for _ in range(9))
+    outs = {}
+    for mode in ("off", "packed"):
+        outs[mode] = tmp_path / f"{mode}.npy"
+        code, _, err = run_cli(capsys, "logits", tiny_models["ternary"], "--input-ids", ids, "--out", outs[mode],
+                               "--ternary", mode)
+        assert code == 0, err
+    np.testing.assert_allclose(np.load(outs["packed"]), np.load(outs["off"]), atol=2e-4, rtol=0)
+
+
+def test_ternary_packed_refuses_a_dense_checkpoint(tiny_dense, tmp_path, capsys):
+    out = tmp_path / "x.npy"
+    code, _, err = run_cli(capsys, "logits", tiny_dense, "--input-ids", "1,2", "--out", out, "--ternary", "packed")
+    assert_user_error(code, err, "--ternary packed", "model.layers.0.self_attn.q_proj.weight", "not a ternary")
+    assert not out.exists()
+
+
+def test_ternary_packed_generates(tiny_models, capsys):
+    args = ["generate", tiny_models["ternary"], "--prompt", "robot", "--max-tokens", "8", "--temperature", "0"]
+    assert run_cli(capsys, *args, "--ternary", "packed")[1] == run_cli(capsys, *args)[1]

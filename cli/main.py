@@ -9,10 +9,10 @@ import argparse
 import logging
 import sys
 
-from cli import model_commands
+from cli import kernel_commands, model_commands
 
 # Each command module registers (name, add_arguments, run, help); run imports what it needs.
-SUBCOMMANDS = [*model_commands.COMMANDS]
+SUBCOMMANDS = [*model_commands.COMMANDS, *kernel_commands.COMMANDS]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -25,6 +25,10 @@ from trt_plugins.attention.reference import (InfLLMv2Config, block_scores, compr
                                              select_blocks)
 
 MIN_DOT = 16  # tl.dot needs M, N, K >= 16
+# Kernels scored per stage-1 iteration: 64 needs 255 registers and spills at head_dim 128 on sm_87; 32 does
+# not (168 registers), measured with ptxas by `cpm-edge kernels compile`.
+STAGE1_BLOCK_J = 32
+STAGE1_WARPS = 8  # with 4 warps the head_dim-128 variant spills 96 bytes on sm_90 (ptxas)
 # Triton's interpreter (3.9) computes tl.dot on bf16 operands wrongly (it reads the raw bits); under the
 # interpreter the kernels upcast their dot operands to fp32. On a GPU the operands keep their dtype.
 UPCAST_DOTS = os.environ.get("TRITON_INTERPRET") == "1"
@@ -170,7 +174,8 @@ def stage1_scores(q: torch.Tensor, kc: torch.Tensor, q_pos: torch.Tensor, cfg: I
     stage1_scores_kernel[(T, B * Hkv)](
         q, kc, pos, out, *q.stride(), *kc.stride(), *pos.stride(), *out.stride(),
         Hkv, NK, cfg.kernel_size, cfg.kernel_stride, 1.0 / math.sqrt(D),
-        GROUP=H // Hkv, GROUP_PAD=group_pad(H // Hkv), HEAD_DIM=D, BLOCK_J=64)
+        GROUP=H // Hkv, GROUP_PAD=group_pad(H // Hkv), HEAD_DIM=D, BLOCK_J=STAGE1_BLOCK_J,
+        num_warps=STAGE1_WARPS)
     return out
 
 

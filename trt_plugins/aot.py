@@ -1,0 +1,236 @@
+"""Ahead-of-time compilation of every kernel configuration the engines use, for any NVIDIA target,
+on a machine without a GPU (Triton's bundled ptxas): PTX + cubin + report.json.
+
+A configuration fixes what a kernel is specialised on: dtype, head_dim, GQA group, block size, mode.
+Innermost strides are compile-time 1 (the plugins pass contiguous tensors) so loads vectorise, and
+pointers are declared 16-byte aligned (TensorRT and CUDA allocations are 256-byte aligned).
+
+PTX ISA: 8.5 (`ptx_version=85`), the newest the CUDA 12.6 driver of JetPack 6 can JIT. The plugins load
+the cubin; the PTX is there for drivers of a newer GPU generation.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import subprocess
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+PTX_VERSION = 85
+ACCEPTED_SPILLS = Path(__file__).with_name("accepted_spills.json")
+
+# (name, head_dim, GQA group, block_size): the attention shapes of the released models and the tiny ones.
+ATTENTION_SHAPES = [
+    ("MiniCPM4-0.5B", 64, 8, 64),
+    ("MiniCPM4-8B", 128, 16, 64),
+    ("tiny", 64, 2, 32),
+]
+DTYPES = ("fp16", "bf16")
+TERNARY_GROUPS = (0, 32, 64, 128)  # 0: one scale per row (or per tensor)
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    kernel: str                      # function name in its kernels module
+    module: str                      # "attention" or "ternary"
+    dtype: str
+    constexprs: tuple = ()           # ((name, value), ...)
+    num_warps: int = 4
+
+    @property
+    def name(self) -> str:
+        parts = [self.kernel, self.dtype] + [f"{k.lower()}{int(v)}" for k, v in self.constexprs
+                                              if k not in ("UPCAST", "GROUP_PAD")]
+        return "_".join(parts)
+
+
+@dataclass
+class Target:
+    arch: int
+
+    @property
+    def name(self) -> str:
+        return f"sm_{self.arch}"
+
+
+def parse_targets(text: str) -> list[Target]:
+    targets = []
+    for part in text.split(","):
+        m = re.fullmatch(r"\s*sm_?(\d{2,3})\s*", part)
+        if not m or int(m.group(1)) < 75:
+            raise ValueError(f"--target: {part.strip()!r} is not an NVIDIA target like sm_87 (sm_75 or newer)")
+        targets.append(Target(int(m.group(1))))
+    return targets
+
+
+def engine_configs(shapes=ATTENTION_SHAPES, dtypes=DTYPES) -> list[KernelConfig]:
+    """Every configuration the engines launch."""
+    from trt_plugins.attention.kernels import STAGE1_BLOCK_J, STAGE1_WARPS, group_pad
+    from trt_plugins.ternary.kernels import CONFIGS as TERNARY_LAUNCHES
+
+    configs: list[KernelConfig] = []
+    seen = set()
+    for _, head_dim, group, block in shapes:
+        for dtype in dtypes:
+            for dense in (True, False):
+                cfg = KernelConfig("block_attention_kernel", "attention", dtype, (
+                    ("GROUP", group), ("GROUP_PAD", group_pad(group)), ("HEAD_DIM", head_dim),
+                    ("BLOCK_N", block), ("DENSE", dense), ("UPCAST", False)))
+                configs.append(cfg)
+            cfg = KernelConfig("stage1_scores_kernel", "attention", dtype, (
+                ("GROUP", group), ("GROUP_PAD", group_pad(group)), ("HEAD_DIM", head_dim), ("BLOCK_J", STAGE1_BLOCK_J)), STAGE1_WARPS)
+            if cfg.name not in seen:
+                seen.add(cfg.name)
+                configs.append(cfg)
+    for dtype in dtypes:
+        for group in TERNARY_GROUPS:
+            for block_m, block_n, warps in TERNARY_LAUNCHES:
+                configs.append(KernelConfig("ternary_matmul_kernel", "ternary", dtype, (
+                    ("GROUP", group), ("BLOCK_M", block_m), ("BLOCK_N", block_n), ("UPCAST", False)), warps))
+    return configs
+
+
+# Argument lists: name -> type; "*T" pointers of the activation dtype, "1" an innermost stride fixed to 1.
+SIGNATURES = {
+    "block_attention_kernel": [
+        ("Q", "*T"), ("K", "*T"), ("V", "*T"), ("O", "*T"), ("POS", "*i32"), ("BLOCK_IDX", "*i32"),
+        ("BLOCK_CNT", "*i32"),
+        ("stride_qb", "i32"), ("stride_qh", "i32"), ("stride_qt", "i32"), ("stride_qd", "1"),
+        ("stride_kb", "i32"), ("stride_kh", "i32"), ("stride_ks", "i32"), ("stride_kd", "1"),
+        ("stride_vb", "i32"), ("stride_vh", "i32"), ("stride_vs", "i32"), ("stride_vd", "1"),
+        ("stride_ob", "i32"), ("stride_oh", "i32"), ("stride_ot", "i32"), ("stride_od", "1"),
+        ("stride_pb", "i32"), ("stride_pt", "1"),
+        ("stride_ib", "i32"), ("stride_ih", "i32"), ("stride_it", "i32"), ("stride_ii", "1"),
+        ("stride_cb", "i32"), ("stride_ch", "i32"), ("stride_ct", "1"),
+        ("n_kv_heads", "i32"), ("scale", "fp32")],
+    "stage1_scores_kernel": [
+        ("Q", "*T"), ("KC", "*fp32"), ("POS", "*i32"), ("OUT", "*fp32"),
+        ("stride_qb", "i32"), ("stride_qh", "i32"), ("stride_qt", "i32"), ("stride_qd", "1"),
+        ("stride_kb", "i32"), ("stride_kh", "i32"), ("stride_kj", "i32"), ("stride_kd", "1"),
+        ("stride_pb", "i32"), ("stride_pt", "1"),
+        ("stride_ob", "i32"), ("stride_oh", "i32"), ("stride_ot", "i32"), ("stride_oj", "1"),
+        ("n_kv_heads", "i32"), ("n_kernels", "i32"), ("kernel_size", "i32"), ("kernel_stride", "i32"),
+        ("scale", "fp32")],
+    "ternary_matmul_kernel": [
+        ("X", "*T"), ("P", "*u8"), ("S", "*fp32"), ("Y", "*T"), ("M", "i32"), ("N", "i32"), ("K", "i32"),
+        ("n_tiles", "i32"),
+        ("stride_xm", "i32"), ("stride_xk", "1"), ("stride_pn", "i32"), ("stride_pk", "1"),
+        ("stride_sn", "i32"), ("stride_sg", "i32"), ("stride_ym", "i32"), ("stride_yn", "1")],
+}
+
+
+def _kernel_fn(cfg: KernelConfig):
+    if cfg.module == "attention":
+        from trt_plugins.attention import kernels
+    else:
+        from trt_plugins.ternary import kernels
+    return getattr(kernels, cfg.kernel)
+
+
+def compile_config(cfg: KernelConfig, target: Target):
+    """Compile one configuration for one target; returns Triton's compiled kernel (asm + metadata)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    fn = _kernel_fn(cfg)
+    signature, constexprs, attrs = {}, {}, {}
+    for i, (arg, kind) in enumerate(SIGNATURES[cfg.kernel]):
+        if kind == "1":
+            signature[arg], constexprs[arg] = "constexpr", 1
+        else:
+            signature[arg] = kind.replace("T", cfg.dtype)
+            if kind.startswith("*"):
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    for arg, value in cfg.constexprs:
+        signature[arg], constexprs[arg] = "constexpr", value
+    missing = [a for a in fn.arg_names if a not in signature]
+    if missing:
+        raise RuntimeError(f"{cfg.kernel}: SIGNATURES lacks {missing}")
+    src = ASTSource(fn=fn, signature={a: signature[a] for a in fn.arg_names}, constexprs=constexprs, attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", target.arch, 32),
+                          options={"num_warps": cfg.num_warps, "ptx_version": PTX_VERSION})
+
+
+def ptxas_resources(ptx: str, target: Target) -> dict:
+    """Registers, spills and static shared memory as ptxas reports them (-v)."""
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    ptxas = get_ptxas(target.arch).path
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "k.ptx"
+        src.write_text(ptx)
+        arch = f"sm_{target.arch}a" if target.arch >= 90 else f"sm_{target.arch}"
+        proc = subprocess.run([ptxas, "-v", f"--gpu-name={arch}", str(src), "-o", str(Path(tmp) / "k.cubin")],
+                              capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"ptxas failed: {proc.stderr.strip()}")
+    text = proc.stderr
+
+    def grab(pattern):
+        m = re.search(pattern, text)
+        return int(m.group(1)) if m else 0
+
+    return {"registers": grab(r"Used (\d+) registers"), "spill_stores": grab(r"(\d+) bytes spill stores"),
+            "spill_loads": grab(r"(\d+) bytes spill loads"), "stack_frame": grab(r"(\d+) bytes stack frame")}
+
+
+@dataclass
+class CompileReport:
+    targets: list[str]
+    ptx_version: int
+    kernels: list[dict] = field(default_factory=list)
+    unaccepted_spills: list[str] = field(default_factory=list)
+
+
+def accepted_spills() -> dict:
+    """{config name: {target: bytes, "why": text}}: spills someone looked at and accepted in writing."""
+    if not ACCEPTED_SPILLS.exists():
+        return {}
+    return json.loads(ACCEPTED_SPILLS.read_text())
+
+
+def compile_all(targets: list[Target], out_dir: Path, configs: list[KernelConfig] | None = None,
+                progress=None) -> CompileReport:
+    """Compile every configuration for every target into out_dir/<target>/<config>.{ptx,cubin,json}."""
+    import triton
+
+    configs = configs or engine_configs()
+    report = CompileReport([t.name for t in targets], PTX_VERSION)
+    accepted = accepted_spills()
+    total, done = len(configs) * len(targets), 0
+    for target in targets:
+        tdir = out_dir / target.name
+        tdir.mkdir(parents=True, exist_ok=True)
+        for cfg in configs:
+            kernel = compile_config(cfg, target)
+            resources = ptxas_resources(kernel.asm["ptx"], target)
+            (tdir / f"{cfg.name}.ptx").write_text(kernel.asm["ptx"])
+            (tdir / f"{cfg.name}.cubin").write_bytes(kernel.asm["cubin"])
+            entry = {"config": cfg.name, "kernel": cfg.kernel, "target": target.name, "dtype": cfg.dtype,
+                     "constexprs": {k: v for k, v in cfg.constexprs}, "num_warps": cfg.num_warps,
+                     "entry": kernel.metadata.name, "shared_bytes": kernel.metadata.shared,
+                     "cubin_sha256": hashlib.sha256(kernel.asm["cubin"]).hexdigest(),
+                     "args": [a for a, kind in SIGNATURES[cfg.kernel] if kind != "1"], **resources}
+            (tdir / f"{cfg.name}.json").write_text(json.dumps(entry, indent=2))
+            report.kernels.append(entry)
+            spilled = resources["spill_stores"] + resources["spill_loads"]
+            if spilled and spilled > accepted.get(cfg.name, {}).get(target.name, 0):
+                report.unaccepted_spills.append(f"{cfg.name} on {target.name}: {spilled} bytes of spills")
+            done += 1
+            if progress:
+                progress(done, total, f"{target.name} {cfg.name}")
+    report_path = out_dir / "report.json"
+    report_path.write_text(json.dumps({"triton": triton.__version__, "ptx_version": report.ptx_version,
+                                       "targets": report.targets, "unaccepted_spills": report.unaccepted_spills,
+                                       "kernels": report.kernels}, indent=2) + "\n")
+    return report
+
+
+def build_cache_env(cache_dir: Path):
+    """Keep Triton's cache inside the build tree, and FP fusion as Triton 3.9 defaults it."""
+    os.environ.setdefault("TRITON_CACHE_DIR", str(cache_dir))
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")

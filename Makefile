@@ -8,14 +8,17 @@ EXTRAS     ?= export,kernels,onnxruntime,test
 PY         := $(VENV)/bin/python
 CPM        := $(VENV)/bin/cpm-edge
 BUILD      ?= build
+TARGETS    ?= sm_87,sm_89,sm_90
 SETUP_STAMP := $(VENV)/.setup-$(shell echo "$(TORCH_SPEC) $(EXTRAS)" | cksum | cut -d' ' -f1)
 
-.PHONY: setup test demo clean help
+.PHONY: setup test demo kernels bench-kernels clean help
 
 help:
 	@echo "make demo    tiny MiniCPM4 model -> streamed answer (CPU, no downloads of models)"
 	@echo "make test    the test suite (what CI runs)"
 	@echo "make setup   create $(VENV) with the kit and its test dependencies"
+	@echo "make kernels compile the Triton kernels for TARGETS=$(TARGETS) into $(BUILD)/kernels (no GPU needed)"
+	@echo "make bench-kernels   sparse-attention / ternary savings (counted; timed on an NVIDIA GPU)"
 
 setup: $(SETUP_STAMP)
 
@@ -34,6 +37,13 @@ demo: setup
 	$(CPM) tiny $(BUILD)/demo/tiny-dense --force
 	$(CPM) generate $(BUILD)/demo/tiny-dense --chat --prompt "Which block should the robot pick up?" \
 		--max-tokens 48 --temperature 0.8 --top-p 0.9 --seed 7
+
+kernels: setup
+	$(CPM) kernels compile --target $(TARGETS) --out $(BUILD)/kernels
+
+bench-kernels: setup
+	$(PY) -m pip install -q matplotlib
+	$(PY) bench/kernels.py
 
 clean:
 	rm -rf $(BUILD) .pytest_cache

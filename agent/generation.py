@@ -7,6 +7,8 @@ Requests beyond max_batch wait and take the first row that frees up (continuous 
 """
 from __future__ import annotations
 
+import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Protocol
 
@@ -54,7 +56,14 @@ class Completion:
     prompt_tokens: int
     token_ids: list[int] = field(default_factory=list)
     text: str = ""
-    finish_reason: str = ""  # "stop" (eos or a stop string) or "length"
+    finish_reason: str = ""  # "stop" (eos or a stop string), "length" or "cancelled"
+    time_to_first_token: float = 0.0  # seconds from admission to the first token
+    decode_seconds: float = 0.0       # from the first token to the last
+
+    @property
+    def tokens_per_second(self) -> float:
+        n = len(self.token_ids) - 1
+        return n / self.decode_seconds if n > 0 and self.decode_seconds > 0 else 0.0
 
 
 def sample(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator) -> int:
@@ -81,8 +90,9 @@ def sample(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator)
 class _Request:
     """One prompt in flight: its row, position, sampler, and text stream with stop-string hold-back."""
 
-    def __init__(self, index, ids, params, tokenizer):
-        self.index, self.ids, self.params = index, ids, params
+    def __init__(self, key, ids, params, tokenizer, on_text, on_done):
+        self.key, self.ids, self.params = key, ids, params
+        self.on_text, self.on_done = on_text, on_done
         self.rng = np.random.default_rng(params.seed)
         self.stream = TextStream(tokenizer)
         self.out = Completion(prompt_tokens=len(ids))
@@ -90,6 +100,7 @@ class _Request:
         self.row = -1
         self.pos = len(ids)  # position the next token will take
         self.last = -1
+        self.started = self.first_token_at = 0.0
 
     def accept(self, token: int, eos_ids, max_seq: int) -> str:
         """Record a sampled token; return the text that may be shown now."""
@@ -128,48 +139,114 @@ def _overlap(text: str, stop: str) -> int:
     return 0
 
 
+class BatchGenerator:
+    """Continuous batching over a backend's cache rows, one step at a time.
+
+    add() queues a prompt; step() admits queued prompts into free rows (one prefill each) and then runs one
+    decode for every active row. Callbacks run on the caller's thread: on_text(key, delta) with text as it
+    is made, on_done(key, Completion) once. Not thread-safe: one owner calls add/cancel/step.
+    """
+
+    def __init__(self, backend: Backend, tokenizer: Tokenizer, clock=time.perf_counter):
+        self.backend, self.tokenizer, self.clock = backend, tokenizer, clock
+        self.eos = set(tokenizer.eos_ids)
+        self.rows: list[Optional[_Request]] = [None] * backend.max_batch
+        self.waiting: deque[_Request] = deque()
+
+    def check(self, ids: list[int], params: SamplingParams):
+        """Raise AgentInputError if this prompt cannot run (before it is queued)."""
+        params.validate()
+        if not ids:
+            raise AgentInputError("prompt: empty")
+        if len(ids) >= self.backend.max_seq:
+            raise AgentInputError(f"prompt: {len(ids)} tokens, but the model holds at most "
+                                  f"{self.backend.max_seq} positions (prompt + answer)")
+
+    def add(self, key, ids: list[int], params: SamplingParams, on_text=None, on_done=None):
+        self.check(ids, params)
+        self.waiting.append(_Request(key, list(ids), params, self.tokenizer, on_text, on_done))
+
+    def cancel(self, key) -> bool:
+        """Finish a queued or running request now with finish_reason "cancelled"."""
+        for req in list(self.waiting):
+            if req.key == key:
+                self.waiting.remove(req)
+                self._finish(req, "cancelled")
+                return True
+        for req in self.rows:
+            if req is not None and req.key == key:
+                self._finish(req, "cancelled")
+                return True
+        return False
+
+    @property
+    def active(self) -> int:
+        return sum(r is not None for r in self.rows)
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.waiting) or self.active > 0
+
+    def step(self) -> bool:
+        """Admit, then decode once; returns whether work remains."""
+        for row in range(len(self.rows)):
+            if self.rows[row] is None and self.waiting:
+                req = self.waiting.popleft()
+                req.row, self.rows[row] = row, req
+                req.started = self.clock()
+                self._accept(req, self.backend.prefill(row, np.asarray(req.ids, dtype=np.int64)))
+        active = [r for r in self.rows if r is not None]
+        if active:
+            n = max(r.row for r in active) + 1
+            tokens, positions = np.zeros(n, np.int64), np.zeros(n, np.int64)
+            for r in active:
+                tokens[r.row], positions[r.row] = r.last, r.pos
+            logits = self.backend.decode(tokens, positions)
+            for r in active:
+                if self.rows[r.row] is r:  # not cancelled by a callback meanwhile
+                    r.pos += 1
+                    self._accept(r, logits[r.row])
+        return self.busy
+
+    def _accept(self, req: _Request, logits: np.ndarray):
+        now = self.clock()
+        if not req.out.token_ids and not req.first_token_at:
+            req.first_token_at = now
+            req.out.time_to_first_token = now - req.started
+        delta = req.accept(sample(logits, req.params, req.rng), self.eos, self.backend.max_seq)
+        if delta and req.on_text:
+            req.on_text(req.key, delta)
+        if req.out.finish_reason:
+            self._finish(req, req.out.finish_reason)
+        else:
+            req.last = req.out.token_ids[-1]
+
+    def _finish(self, req: _Request, reason: str):
+        if req.row >= 0 and self.rows[req.row] is req:
+            self.rows[req.row] = None
+        out = req.out
+        if reason == "cancelled":
+            out.text = req.stream.text[:req.emitted]
+        out.finish_reason = reason
+        out.decode_seconds = (self.clock() - req.first_token_at) if req.first_token_at else 0.0
+        if req.on_done:
+            req.on_done(req.key, out)
+
+
 def generate(backend: Backend, tokenizer: Tokenizer, prompts: list[list[int]], params: list[SamplingParams],
              on_text: Callable[[int, str], None] | None = None) -> list[Completion]:
     """Run every prompt to completion; on_text(i, delta) streams prompt i's text as it is made."""
     if len(prompts) != len(params):
         raise ValueError("one SamplingParams per prompt")
+    batch = BatchGenerator(backend, tokenizer)
     for i, (ids, p) in enumerate(zip(prompts, params)):
-        p.validate()
-        if not ids:
-            raise AgentInputError(f"prompt {i}: empty")
-        if len(ids) >= backend.max_seq:
-            raise AgentInputError(f"prompt {i}: {len(ids)} tokens, but the model holds at most "
-                                  f"{backend.max_seq} positions (prompt + answer)")
-    eos = set(tokenizer.eos_ids)
-    waiting = [_Request(i, ids, p, tokenizer) for i, (ids, p) in enumerate(zip(prompts, params))]
-    waiting.reverse()
-    rows: list[Optional[_Request]] = [None] * backend.max_batch
+        try:
+            batch.check(ids, p)
+        except AgentInputError as e:
+            raise AgentInputError(f"prompt {i}: {str(e).removeprefix('prompt: ')}") from None
     done: list[Optional[Completion]] = [None] * len(prompts)
-
-    def admit(req: _Request, logits: np.ndarray):
-        delta = req.accept(sample(logits, req.params, req.rng), eos, backend.max_seq)
-        if delta and on_text:
-            on_text(req.index, delta)
-        if req.out.finish_reason:
-            done[req.index], rows[req.row] = req.out, None
-        else:
-            req.last = req.out.token_ids[-1]
-
-    while waiting or any(rows):
-        for row in range(backend.max_batch):
-            if rows[row] is None and waiting:
-                req = waiting.pop()
-                req.row, rows[row] = row, req
-                admit(req, backend.prefill(row, np.asarray(req.ids, dtype=np.int64)))
-        active = [r for r in rows if r is not None]
-        if not active:
-            continue
-        n = max(r.row for r in active) + 1
-        tokens, positions = np.zeros(n, np.int64), np.zeros(n, np.int64)
-        for r in active:
-            tokens[r.row], positions[r.row] = r.last, r.pos
-        logits = backend.decode(tokens, positions)
-        for r in active:
-            r.pos += 1
-            admit(r, logits[r.row])
+    for i, (ids, p) in enumerate(zip(prompts, params)):
+        batch.add(i, ids, p, on_text, lambda key, out: done.__setitem__(key, out))
+    while batch.step():
+        pass
     return done

@@ -168,3 +168,23 @@ def test_batched_generation_equals_one_by_one_on_the_torch_model(tiny_dense):
     for prompt, p, got in zip(prompts, params, batched):
         (alone,) = generate(TorchBackend(model, max_batch=1, max_seq=64), tokenizer, [prompt], [p])
         assert got.token_ids == alone.token_ids
+
+
+def test_cancel_frees_the_row_within_one_step(tok):
+    from agent.generation import BatchGenerator
+
+    backend = ScriptedBackend({5: [100] * 60, 6: [101] * 3 + [511]}, max_batch=1)
+    batch = BatchGenerator(backend, tok)
+    done, texts = {}, {}
+    for key, last in (("a", 5), ("b", 6)):
+        batch.add(key, [1, last], SamplingParams(max_tokens=50), on_text=lambda k, d: texts.setdefault(k, []).append(d),
+                  on_done=lambda k, out: done.setdefault(k, []).append(out))
+    for _ in range(3):
+        batch.step()
+    assert batch.cancel("a") and not batch.cancel("a")
+    assert [o.finish_reason for o in done["a"]] == ["cancelled"] and len(done["a"][0].token_ids) == 4
+    assert done["a"][0].text == "".join(texts["a"])
+    while batch.step():
+        pass
+    assert done["b"][0].token_ids == [101] * 3 and done["b"][0].finish_reason == "stop"
+    assert done["b"][0].time_to_first_token >= 0 and len(done) == 2

@@ -9,10 +9,11 @@ import argparse
 import logging
 import sys
 
-from cli import kernel_commands, model_commands
+from cli import export_commands, kernel_commands, model_commands
 
 # Each command module registers (name, add_arguments, run, help); run imports what it needs.
-SUBCOMMANDS = [*model_commands.COMMANDS, *kernel_commands.COMMANDS]
+SUBCOMMANDS = [*model_commands.COMMANDS, *export_commands.COMMANDS, *kernel_commands.COMMANDS,
+               ]
 
 
 def build_parser() -> argparse.ArgumentParser:

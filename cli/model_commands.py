@@ -54,7 +54,10 @@ def tiny(args) -> int:
 
 # --- generate ---------------------------------------------------------------------------------------
 def generate_arguments(p: argparse.ArgumentParser):
-    p.add_argument("model_dir", metavar="MODEL_DIR", help="Hugging Face MiniCPM4 folder")
+    p.add_argument("model_dir", metavar="MODEL_DIR",
+                   help="Hugging Face MiniCPM4 folder (torch backend) or export folder (onnxruntime backend)")
+    p.add_argument("--backend", choices=("auto", "torch", "onnxruntime"), default="auto",
+                   help="auto: onnxruntime for an export folder (it has export.json), else torch")
     p.add_argument("--prompt", required=True, help="the prompt text")
     p.add_argument("--chat", action="store_true", help="wrap the prompt as a user turn in the ChatML template")
     p.add_argument("--system", help="system message (with --chat)")
@@ -70,9 +73,13 @@ def generate_arguments(p: argparse.ArgumentParser):
 def generate(args) -> int:
     from agent.generation import SamplingParams, generate as run_generation
     from agent.tokenizer import Tokenizer
-    from export.checkpoint import load_config
 
-    load_config(args.model_dir)  # is it MiniCPM4 at all? (before the tokenizer and the weights)
+    backend_name = args.backend
+    if backend_name == "auto":
+        backend_name = "onnxruntime" if (Path(args.model_dir) / "export.json").exists() else "torch"
+    if backend_name == "torch":
+        from export.checkpoint import load_config
+        load_config(args.model_dir)  # is it MiniCPM4 at all? (before the tokenizer and the weights)
     tokenizer = Tokenizer(args.model_dir)
     if args.chat:
         messages = ([{"role": "system", "content": args.system}] if args.system else [])
@@ -87,7 +94,13 @@ def generate(args) -> int:
         top_k=args.top_k if args.top_k is not None else d.get("top_k", 0),
         seed=args.seed, stop=tuple(args.stop))
     params.validate()
-    backend = load_torch_backend(args, max_batch=1, max_seq=len(ids) + args.max_tokens)
+    if backend_name == "onnxruntime":
+        from agent.backends import open_bundle
+        if args.ternary != "off" or args.dtype != "fp32":
+            raise AgentInputError("--ternary and --dtype are fixed when the folder is exported (cpm-edge export)")
+        backend, _, _ = open_bundle(args.model_dir, max_batch=1)
+    else:
+        backend = load_torch_backend(args, max_batch=1, max_seq=len(ids) + args.max_tokens)
 
     def show(_, delta):
         sys.stdout.write(delta)

@@ -281,10 +281,21 @@ class AtomicDir:
         self.dest = Path(dest)
         self.overwrite = overwrite
 
-    def __enter__(self) -> Path:
+    def check(self):
+        """Refuse an existing, non-empty destination (unless overwriting) or an unwritable place, before any
+        work is done."""
+        ancestor = self.dest.parent
+        while not ancestor.exists() and ancestor != ancestor.parent:
+            ancestor = ancestor.parent
+        if not ancestor.is_dir() or not os.access(ancestor, os.W_OK | os.X_OK):
+            raise CheckpointError(f"{self.dest}: cannot write here ({ancestor} is not a writable directory)")
         if self.dest.exists() and not self.overwrite:
             if not self.dest.is_dir() or any(self.dest.iterdir()):
-                raise CheckpointError(f"{self.dest}: already exists and is not empty (choose another path)")
+                raise CheckpointError(f"{self.dest}: already exists and is not empty (choose another path, "
+                                      f"or --force to replace it)")
+
+    def __enter__(self) -> Path:
+        self.check()
         parent = self.dest.parent
         try:
             parent.mkdir(parents=True, exist_ok=True)

@@ -105,16 +105,24 @@ class MiniCPM(nn.Module):
         for layer in self.layers:
             layer.self_attn.kv_cache = KVCache(max_batch, max_seq, c.num_key_value_heads, c.head_dim,
                                                p.dtype, p.device)
-        cos, sin = rope_table(c, max_seq, device=p.device)
-        self.rope_cos, self.rope_sin = cos, sin
-        self.max_batch, self.max_seq = max_batch, max_seq
+        self.setup_rope(max_seq)
+        self.max_batch = max_batch
 
-    def forward(self, input_ids: torch.Tensor, input_pos: torch.Tensor, first_row: int = 0) -> torch.Tensor:
+    def setup_rope(self, max_seq: int):
+        """The RoPE table for this context capacity (the ONNX export needs it without any cache)."""
+        self.rope_cos, self.rope_sin = rope_table(self.config, max_seq, device=self.embed_tokens.weight.device)
+        self.max_seq = max_seq
+
+    def forward(self, input_ids: torch.Tensor, input_pos: torch.Tensor, first_row: int = 0,
+                last_only: bool = False) -> torch.Tensor:
         """input_ids, input_pos: (B, T) for cache rows first_row..first_row+B-1.
 
-        Returns fp32 logits (B, T, V) and writes the new keys and values into the caches.
+        Returns fp32 logits (B, T, V), or (B, 1, V) of the last position with last_only, and writes the
+        new keys and values into the caches.
         """
-        if first_row + input_ids.shape[0] > self.max_batch or int(input_pos.max()) >= self.max_seq:
+        if torch.onnx.is_in_onnx_export():
+            pass  # the exported graph gets its caches as inputs; the runtime checks capacity
+        elif first_row + input_ids.shape[0] > self.max_batch or int(input_pos.max()) >= self.max_seq:
             raise ValueError(f"rows {first_row}..{first_row + input_ids.shape[0] - 1} / position "
                              f"{int(input_pos.max())} exceed the cache ({self.max_batch} x {self.max_seq}); "
                              f"call setup_cache with more room")
@@ -123,6 +131,8 @@ class MiniCPM(nn.Module):
         cos, sin = self.rope_cos[input_pos], self.rope_sin[input_pos]  # (B, T, D/2) fp32
         for layer in self.layers:
             h = layer(h, input_pos, cos, sin, first_row)
+        if last_only:
+            h = h[:, -1:]
         h = self.norm(h) / c.logit_divisor
         return self.lm_head(h).float()
 
@@ -152,6 +162,8 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(h * d, config.hidden_size, bias=False)
         self.kv_cache: Optional[KVCache] = None
         self.attend: AttentionFn = attention_ref
+        # Cache update + attention as one swappable step; the ONNX export replaces it by graph nodes.
+        self.cache_and_attend = self.cached_attention
 
     def forward(self, x, pos, cos, sin, first_row=0):
         B, T, _ = x.shape
@@ -159,9 +171,13 @@ class Attention(nn.Module):
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # (B, T, H, D)
+        y = self.cache_and_attend(q, k, v, pos, first_row)  # (B, T, H, D)
+        return self.o_proj(y.reshape(B, T, -1))
+
+    def cached_attention(self, q, k, v, pos, first_row=0):
+        """Write k, v into this layer's KV cache, then attend over the whole cache. (B, T, H, D) out."""
         k_all, v_all = self.kv_cache.update(pos, k, v, first_row)  # (B, Hkv, S, D)
-        y = self.attend(q.transpose(1, 2), k_all, v_all, pos)  # (B, H, T, D)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+        return self.attend(q.transpose(1, 2), k_all, v_all, pos).transpose(1, 2)
 
 
 class MLP(nn.Module):

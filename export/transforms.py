@@ -33,24 +33,29 @@ TERNARY_PROJECTIONS = {"self_attn": ("q_proj", "k_proj", "v_proj", "o_proj"),
 
 
 class TernaryLinear(torch.nn.Module):
-    """A linear layer that keeps only 2-bit codes and scales (BitCPM4), computing x @ W^T from them."""
+    """A linear layer that keeps only 2-bit codes and scales (BitCPM4), computing x @ W^T from them.
+
+    impl "reference" goes through trt_plugins.ops.cpm_ternary_gemm: the torch reference when run, the
+    CpmTernaryGemm plugin node when exported to ONNX. "triton" runs the Triton kernel.
+    """
 
     def __init__(self, packed, impl: str):
         super().__init__()
-        self.register_buffer("packed", packed.packed)
-        self.register_buffer("scales", packed.scales)
-        self.in_features, self.layout = packed.in_features, packed.layout
-        if impl == "reference":
-            from trt_plugins.ternary.reference import ternary_linear_ref as fn
-        elif impl == "triton":
-            from trt_plugins.ternary.kernels import ternary_linear as fn
-        else:
+        if impl not in ("reference", "triton"):
             raise ValueError(f"impl must be 'reference' or 'triton', got {impl!r}")
-        self.fn = fn
+        self.register_buffer("packed", packed.packed.view(torch.int8))  # int8: TensorRT widens uint8 to int32
+        self.register_buffer("scales", packed.scales)
+        self.in_features, self.layout, self.impl = packed.in_features, packed.layout, impl
 
     def forward(self, x):
-        from trt_plugins.ternary.reference import PackedTernary
-        return self.fn(x, PackedTernary(self.packed, self.scales, self.in_features, self.layout))
+        if self.impl == "triton":
+            from trt_plugins.ternary.kernels import ternary_linear
+            from trt_plugins.ternary.reference import PackedTernary
+            return ternary_linear(x, PackedTernary(self.packed.view(torch.uint8), self.scales, self.in_features,
+                                                   self.layout))
+        from trt_plugins.ops import cpm_ternary_gemm
+        group = self.layout.group_size if self.layout.kind == "group" else 0
+        return cpm_ternary_gemm(x, self.packed, self.scales, self.in_features, group, self.layout.kind)
 
 
 def pack_ternary(model: MiniCPM, impl: str = "reference") -> MiniCPM:

@@ -132,10 +132,14 @@ def select_blocks(scores: torch.Tensor, q_pos: torch.Tensor, cfg: InfLLMv2Config
     window = (b <= own) & (b > own - cfg.window_blocks)
     candidate = (b <= own - cfg.window_blocks) & ~init
     ranked = scores.masked_fill(~candidate, float("-inf"))
-    order = torch.sort(ranked, dim=-1, descending=True, stable=True).indices  # stable: lower index first
     n_pick = cfg.topk - cfg.init_blocks
+    if torch.onnx.is_in_onnx_export():
+        # ONNX TopK returns equal values lower index first (the operator's specification): the same rule.
+        best = torch.topk(ranked, k=min(n_pick, NB), dim=-1).indices
+    else:
+        best = torch.sort(ranked, dim=-1, descending=True, stable=True).indices[..., :n_pick]
     chosen = torch.zeros_like(candidate.expand_as(scores))
-    chosen.scatter_(-1, order[..., :n_pick], True)
+    chosen.scatter_(-1, best, True)
     return init | window | (chosen & candidate)
 
 

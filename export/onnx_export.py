@@ -1,0 +1,248 @@
+"""Export a MiniCPM4 folder to ONNX with its KV cache: the contract between the host and the device.
+
+One graph serves prefill and decode:
+  inputs   input_ids (B, T) int64, positions (B, T) int64, past_key_i / past_value_i (B, Hkv, S, D)
+  outputs  logits (B, V) fp32 of the last position (or (B, T, V) with logits="all"),
+           present_key_i / present_value_i: the caches with this call's keys written at `positions`.
+A runtime binds present_* to the same buffers as past_* so a decode step writes T new positions in place
+and never copies the cache (docs/export.md counts the bytes).
+
+Flavors (the attention of every layer differs, nothing else does):
+  portable  com.microsoft GroupQueryAttention, which ONNX Runtime's CPU provider runs in place; InfLLM v2
+            selection (sparse models) in standard ONNX ops, given to it as an attention bias.
+  trt       cpm_edge::CpmAttention and cpm_edge::CpmTernaryGemm nodes, which TensorRT's ONNX parser maps
+            to the kit's plugins (trt_plugins/ops.py).
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import math
+import shutil
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from export.checkpoint import DTYPES, AtomicDir, CheckpointError, load_config, load_model
+from export.model import MiniCPM
+from trt_plugins import ops
+from trt_plugins.attention.reference import InfLLMv2Config, dense_rows, sparse_block_mask
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+ONNX_OPSET = 18
+FLAVORS = ("portable", "trt")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "config.json")
+EXTERNAL_DATA_BYTES = 512 * 2**20  # larger graphs keep their weights in model.onnx.data
+
+
+def sparse_bias(q: torch.Tensor, k: torch.Tensor, past_k: torch.Tensor, positions: torch.Tensor,
+                cfg: InfLLMv2Config) -> torch.Tensor:
+    """Additive attention bias (B, H, T, S): 0 on the keys InfLLM v2 selects, -inf elsewhere.
+
+    The selection is the reference's, traced into standard ONNX ops. It needs this call's keys, so it sees
+    the cache with them written (a copy for the selection only; the runtime's cache is updated in place).
+    """
+    keys = ops.write_cache(past_k, k, positions)  # (B, Hkv, S, D)
+    mask = sparse_block_mask(q.transpose(1, 2), keys, positions, cfg)  # (B, Hkv, T, NB)
+    mask = mask | dense_rows(positions, cfg)[:, None, None, None]
+    tokens = mask.repeat_interleave(cfg.block_size, dim=-1)[..., :past_k.shape[2]]  # (B, Hkv, T, S)
+    tokens = tokens.repeat_interleave(q.shape[2] // k.shape[2], dim=1)  # (B, H, T, S)
+    return torch.where(tokens, 0.0, float("-inf")).to(q.dtype)
+
+
+def portable_attention(q, k, v, past_k, past_v, positions, sparse: InfLLMv2Config | None):
+    """ONNX Runtime's GroupQueryAttention (in place over a shared past/present buffer); eager: the reference."""
+    if not torch.onnx.is_in_onnx_export():
+        return ops.cpm_attention_eager(q, k, v, past_k, past_v, positions, sparse)
+    B, T, H, D = q.shape
+    Hkv = k.shape[2]
+    seqlens = positions[:, -1].to(torch.int32)  # per row: the last position = total length - 1
+    capacity = torch.full((), past_k.shape[2], dtype=torch.int32)  # GQA's total_sequence_length
+    bias = sparse_bias(q, k, past_k, positions, sparse) if sparse is not None else None
+    out, k_new, v_new = torch.onnx.ops.symbolic_multi_out(
+        "com.microsoft::GroupQueryAttention",
+        [q.reshape(B, T, H * D), k.reshape(B, T, Hkv * D), v.reshape(B, T, Hkv * D), past_k, past_v, seqlens,
+         capacity, None, None, None, bias],
+        {"num_heads": H, "kv_num_heads": Hkv, "scale": 1.0 / math.sqrt(D)},
+        dtypes=[q.dtype, past_k.dtype, past_v.dtype],
+        shapes=[[B, T, H * D], list(past_k.shape), list(past_v.shape)], version=1)
+    return out.reshape(B, T, H, D), k_new, v_new
+
+
+class ExportModel(torch.nn.Module):
+    """MiniCPM with its caches as graph inputs and outputs (the module's own KV cache is not used)."""
+
+    def __init__(self, model: MiniCPM, flavor: str, all_logits: bool = False):
+        super().__init__()
+        self.model, self.flavor, self.all_logits = model, flavor, all_logits
+        self.sparse = model.config.sparse
+        self._past: tuple = ()
+        self._present: list = []
+        for i, layer in enumerate(model.layers):
+            layer.self_attn.cache_and_attend = self._layer_op(i)
+
+    def _layer_op(self, i: int):
+        attention = portable_attention if self.flavor == "portable" else ops.cpm_attention
+
+        def op(q, k, v, positions, first_row=0):
+            out, k_new, v_new = attention(q, k, v, self._past[2 * i], self._past[2 * i + 1], positions,
+                                          self.sparse)
+            self._present += [k_new, v_new]
+            return out
+        return op
+
+    def forward(self, input_ids, positions, *past):
+        self._past, self._present = past, []
+        logits = self.model(input_ids, positions, last_only=not self.all_logits)
+        if not self.all_logits:
+            logits = logits[:, 0]  # (B, V)
+        return (logits, *self._present)
+
+
+@dataclass
+class ExportOptions:
+    model_dir: Path
+    out: Path
+    flavor: str = "portable"
+    dtype: str = "fp32"
+    max_seq: int = 4096
+    ternary: str = "auto"  # auto: pack when every projection is ternary (trt flavor only); off; packed
+    all_logits: bool = False
+    overwrite: bool = False
+
+
+def model_hash(model_dir: Path) -> str:
+    """sha256 over config.json and the weight files, in name order."""
+    h = hashlib.sha256()
+    for path in sorted([model_dir / "config.json", *model_dir.glob("*.safetensors")]):
+        h.update(path.name.encode())
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 22), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def io_names(n_layers: int) -> tuple[list[str], list[str]]:
+    caches = [f"{kind}_{i}" for i in range(n_layers) for kind in ("key", "value")]
+    return (["input_ids", "positions", *[f"past_{c}" for c in caches]],
+            ["logits", *[f"present_{c}" for c in caches]])
+
+
+def export(opts: ExportOptions, progress=lambda stage: None) -> Path:
+    """Write an export folder (model.onnx, export.json, tokenizer files); returns its path."""
+    if opts.flavor not in FLAVORS:
+        raise CheckpointError(f"--flavor: {opts.flavor!r} is not one of {', '.join(FLAVORS)}")
+    if opts.dtype not in DTYPES:
+        raise CheckpointError(f"--dtype: {opts.dtype!r} is not one of {', '.join(DTYPES)}")
+    model_dir = Path(opts.model_dir)
+    config = load_config(model_dir)
+    for name in ("tokenizer.json",):
+        if not (model_dir / name).exists():
+            raise CheckpointError(f"{model_dir / name}: file not found (the export carries the tokenizer)")
+    if opts.max_seq < 2:
+        raise CheckpointError(f"--max-seq: {opts.max_seq} is too small")
+    destination = AtomicDir(opts.out, overwrite=opts.overwrite)
+    destination.check()  # before minutes of work, not after
+    progress("loading weights")
+    model = load_model(model_dir, DTYPES[opts.dtype], config=config)
+    packed = False
+    if opts.ternary != "off" and opts.flavor == "trt":
+        from export.transforms import pack_ternary
+        from trt_plugins.ternary.reference import NotTernaryError
+        try:
+            pack_ternary(model)
+            packed = True
+        except NotTernaryError as e:
+            if opts.ternary == "packed":
+                raise CheckpointError(f"--ternary packed: {e}") from None
+            model = load_model(model_dir, DTYPES[opts.dtype], config=config)  # dense: start again unpacked
+    model.setup_rope(opts.max_seq)
+    wrapper = ExportModel(model, opts.flavor, opts.all_logits).eval()
+
+    c = config
+    dtype = DTYPES[opts.dtype]
+    # Example sizes other than 0 and 1, which torch.export would specialise on.
+    cache_shape = (2, c.num_key_value_heads, opts.max_seq, c.head_dim)
+    past = [torch.zeros(cache_shape, dtype=dtype) for _ in range(2 * c.num_hidden_layers)]
+    example = (torch.zeros(2, 3, dtype=torch.int64), torch.arange(3).expand(2, -1).contiguous(), *past)
+    batch, seq = torch.export.Dim("batch", min=1, max=1024), torch.export.Dim("seq", min=1, max=opts.max_seq)
+    capacity = torch.export.Dim("capacity", min=2, max=opts.max_seq)
+    cache_dims = {0: batch, 2: capacity}
+    dynamic = ({0: batch, 1: seq}, {0: batch, 1: seq}, tuple([cache_dims] * len(past)))  # *past is one tuple
+    inputs, outputs = io_names(c.num_hidden_layers)
+
+    with destination as tmp:
+        progress(f"tracing the {opts.flavor} graph ({c.num_hidden_layers} layers)")
+        start = time.perf_counter()
+        with torch.inference_mode(False), torch.no_grad(), quiet_exporter():
+            program = torch.onnx.export(wrapper, example, input_names=inputs, output_names=outputs,
+                                        dynamic_shapes=dynamic, dynamo=True, opset_version=ONNX_OPSET,
+                                        optimize=True, verbose=False)
+        weight_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+        external = weight_bytes > EXTERNAL_DATA_BYTES
+        progress(f"writing model.onnx ({weight_bytes / 2**20:.0f} MiB of weights"
+                 f"{', as external data' if external else ''})")
+        program.save(str(tmp / "model.onnx"), external_data=external)
+        progress("checking the graph (onnx.checker)")
+        import onnx
+        onnx.checker.check_model(str(tmp / "model.onnx"), full_check=False)
+        graph = onnx.load(str(tmp / "model.onnx"), load_external_data=False)
+        opsets = {o.domain or "ai.onnx": o.version for o in graph.opset_import}
+        for name in TOKENIZER_FILES:
+            if (model_dir / name).exists():
+                shutil.copy2(model_dir / name, tmp / name)
+        progress("hashing the checkpoint")
+        info = {
+            "format_version": FORMAT_VERSION,
+            "source": str(model_dir.resolve()),
+            "model_hash": model_hash(model_dir),
+            "flavor": opts.flavor,
+            "dtype": opts.dtype,
+            "max_seq": opts.max_seq,
+            "logits": "all" if opts.all_logits else "last",
+            "ternary_packed": packed,
+            "sparse_config": vars(c.sparse) if c.sparse else None,
+            "num_layers": c.num_hidden_layers,
+            "num_kv_heads": c.num_key_value_heads,
+            "head_dim": c.head_dim,
+            "vocab_size": c.vocab_size,
+            "cache_layout": "B, num_kv_heads, S, head_dim",
+            "inputs": inputs,
+            "outputs": outputs,
+            "opsets": opsets,
+            "plugins": ({"namespace": ops.NAMESPACE, "version": ops.PLUGIN_VERSION,
+                         "ops": [ops.ATTENTION_OP] + ([ops.TERNARY_OP] if packed else [])}
+                        if opts.flavor == "trt" else None),
+            "export_seconds": round(time.perf_counter() - start, 1),
+        }
+        (tmp / "export.json").write_text(json.dumps(info, indent=2) + "\n")
+    return Path(opts.out)
+
+
+@contextlib.contextmanager
+def quiet_exporter():
+    """torch.onnx's exporter warns about things that do not concern this graph (torchvision missing,
+    attributes of the wrapper, renamed axes); keep its output to errors."""
+    loggers = [logging.getLogger(n) for n in ("", "torch.onnx", "torch.export", "torch._dynamo", "onnxscript")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def print_progress(stage: str):
+    print(f"export: {stage}", file=sys.stderr, flush=True)

@@ -130,3 +130,17 @@ def test_model_with_triton_kernels_equals_reference(tiny_models, seed):
         with torch.inference_mode():
             logits[impl] = model(ids, torch.arange(T)[None])
     assert_close(logits["triton"], logits["reference"], 2e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_cache_write_in_place(dtype, seed):
+    from trt_plugins.ops import write_cache
+
+    B, T, Hkv, D, S = 3, random.randint(1, 5), 2, 64, 40
+    cache = torch.randn(B, Hkv, S, D, device=DEVICE).to(dtype)
+    new = torch.randn(B, T, Hkv, D, device=DEVICE).to(dtype)
+    pos = torch.stack([torch.randperm(S)[:T] for _ in range(B)]).to(DEVICE)
+    expected = write_cache(cache, new, pos)
+    same_memory = cache.data_ptr()
+    kernels.write_cache_(cache, new, pos)
+    assert cache.data_ptr() == same_memory and torch.equal(cache, expected)

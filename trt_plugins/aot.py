@@ -86,6 +86,9 @@ def engine_configs(shapes=ATTENTION_SHAPES, dtypes=DTYPES) -> list[KernelConfig]
                 seen.add(cfg.name)
                 configs.append(cfg)
     for dtype in dtypes:
+        for head_dim in sorted({shape[1] for shape in shapes}):
+            configs.append(KernelConfig("cache_write_kernel", "attention", dtype, (("HEAD_DIM", head_dim),), 1))
+    for dtype in dtypes:
         for group in TERNARY_GROUPS:
             for block_m, block_n, warps in TERNARY_LAUNCHES:
                 configs.append(KernelConfig("ternary_matmul_kernel", "ternary", dtype, (
@@ -114,6 +117,11 @@ SIGNATURES = {
         ("stride_ob", "i32"), ("stride_oh", "i32"), ("stride_ot", "i32"), ("stride_oj", "1"),
         ("n_kv_heads", "i32"), ("n_kernels", "i32"), ("kernel_size", "i32"), ("kernel_stride", "i32"),
         ("scale", "fp32")],
+    "cache_write_kernel": [
+        ("NEW", "*T"), ("CACHE", "*T"), ("POS", "*i32"),
+        ("stride_nb", "i32"), ("stride_nt", "i32"), ("stride_nh", "i32"), ("stride_nd", "1"),
+        ("stride_cb", "i32"), ("stride_ch", "i32"), ("stride_cs", "i32"), ("stride_cd", "1"),
+        ("stride_pb", "i32"), ("stride_pt", "1"), ("n_kv_heads", "i32")],
     "ternary_matmul_kernel": [
         ("X", "*T"), ("P", "*u8"), ("S", "*fp32"), ("Y", "*T"), ("M", "i32"), ("N", "i32"), ("K", "i32"),
         ("n_tiles", "i32"),
@@ -214,7 +222,11 @@ def compile_all(targets: list[Target], out_dir: Path, configs: list[KernelConfig
                      "constexprs": {k: v for k, v in cfg.constexprs}, "num_warps": cfg.num_warps,
                      "entry": kernel.metadata.name, "shared_bytes": kernel.metadata.shared,
                      "cubin_sha256": hashlib.sha256(kernel.asm["cubin"]).hexdigest(),
-                     "args": [a for a, kind in SIGNATURES[cfg.kernel] if kind != "1"], **resources}
+                     "args": [a for a, kind in SIGNATURES[cfg.kernel] if kind != "1"],
+                     "threads": 32 * cfg.num_warps,
+                     "global_scratch_size": getattr(kernel.metadata, "global_scratch_size", 0),
+                     "params": len(re.findall(rf"\.param [^\n]*{kernel.metadata.name}_param_\d+", kernel.asm["ptx"])),
+                     **resources}
             (tdir / f"{cfg.name}.json").write_text(json.dumps(entry, indent=2))
             report.kernels.append(entry)
             spilled = resources["spill_stores"] + resources["spill_loads"]

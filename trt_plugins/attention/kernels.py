@@ -151,6 +151,34 @@ def block_attention_kernel(
              out.to(O.dtype.element_ty), mask=g[:, None] < GROUP)
 
 
+@triton.jit
+def cache_write_kernel(
+        NEW, CACHE, POS,
+        stride_nb, stride_nt, stride_nh, stride_nd,
+        stride_cb, stride_ch, stride_cs, stride_cd,
+        stride_pb, stride_pt,
+        n_kv_heads, HEAD_DIM: tl.constexpr):
+    """CACHE[b, h, POS[b, t], :] = NEW[b, t, h, :]: one program per (token, row x kv head). In place, so a
+    decode step writes one position per row instead of copying the cache."""
+    t = tl.program_id(0)
+    b = tl.program_id(1) // n_kv_heads
+    h = tl.program_id(1) % n_kv_heads
+    d = tl.arange(0, HEAD_DIM)
+    pos = tl.load(POS + b * stride_pb + t * stride_pt)
+    value = tl.load(NEW + b * stride_nb + t * stride_nt + h * stride_nh + d * stride_nd)
+    tl.store(CACHE + b * stride_cb + h * stride_ch + pos * stride_cs + d * stride_cd,
+             value.to(CACHE.dtype.element_ty))
+
+
+def write_cache_(cache: torch.Tensor, new: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """In-place Triton version of trt_plugins.ops.write_cache: cache (B, Hkv, S, D), new (B, T, Hkv, D)."""
+    B, T, Hkv, D = new.shape
+    pos = positions.to(torch.int32)
+    cache_write_kernel[(T, B * Hkv)](new, cache, pos, *new.stride(), *cache.stride(), *pos.stride(), Hkv,
+                                     HEAD_DIM=D)
+    return cache
+
+
 def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor):
     if q.dim() != 4 or k.dim() != 4 or k.shape != v.shape:
         raise ValueError(f"expected q (B, H, T, D) and k, v (B, Hkv, S, D); got {tuple(q.shape)}, "

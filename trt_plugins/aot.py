@@ -68,7 +68,7 @@ def parse_targets(text: str) -> list[Target]:
 
 def engine_configs(shapes=ATTENTION_SHAPES, dtypes=DTYPES) -> list[KernelConfig]:
     """Every configuration the engines launch."""
-    from trt_plugins.attention.kernels import STAGE1_BLOCK_J, STAGE1_WARPS, group_pad
+    from trt_plugins.attention.kernels import STAGE1_BLOCK_J, STAGE1_WARPS, attention_warps, group_pad
     from trt_plugins.ternary.kernels import CONFIGS as TERNARY_LAUNCHES
 
     configs: list[KernelConfig] = []
@@ -78,7 +78,7 @@ def engine_configs(shapes=ATTENTION_SHAPES, dtypes=DTYPES) -> list[KernelConfig]
             for dense in (True, False):
                 cfg = KernelConfig("block_attention_kernel", "attention", dtype, (
                     ("GROUP", group), ("GROUP_PAD", group_pad(group)), ("HEAD_DIM", head_dim),
-                    ("BLOCK_N", block), ("DENSE", dense), ("UPCAST", False)))
+                    ("BLOCK_N", block), ("DENSE", dense), ("UPCAST", False)), attention_warps(head_dim))
                 configs.append(cfg)
             cfg = KernelConfig("stage1_scores_kernel", "attention", dtype, (
                 ("GROUP", group), ("GROUP_PAD", group_pad(group)), ("HEAD_DIM", head_dim), ("BLOCK_J", STAGE1_BLOCK_J)), STAGE1_WARPS)
@@ -99,7 +99,7 @@ def engine_configs(shapes=ATTENTION_SHAPES, dtypes=DTYPES) -> list[KernelConfig]
 # Argument lists: name -> type; "*T" pointers of the activation dtype, "1" an innermost stride fixed to 1.
 SIGNATURES = {
     "block_attention_kernel": [
-        ("Q", "*T"), ("K", "*T"), ("V", "*T"), ("O", "*T"), ("POS", "*i32"), ("BLOCK_IDX", "*i32"),
+        ("Q", "*T"), ("K", "*T"), ("V", "*T"), ("O", "*T"), ("POS", "*i64"), ("BLOCK_IDX", "*i32"),
         ("BLOCK_CNT", "*i32"),
         ("stride_qb", "i32"), ("stride_qh", "i32"), ("stride_qt", "i32"), ("stride_qd", "1"),
         ("stride_kb", "i32"), ("stride_kh", "i32"), ("stride_ks", "i32"), ("stride_kd", "1"),
@@ -110,7 +110,7 @@ SIGNATURES = {
         ("stride_cb", "i32"), ("stride_ch", "i32"), ("stride_ct", "1"),
         ("n_kv_heads", "i32"), ("scale", "fp32")],
     "stage1_scores_kernel": [
-        ("Q", "*T"), ("KC", "*fp32"), ("POS", "*i32"), ("OUT", "*fp32"),
+        ("Q", "*T"), ("KC", "*fp32"), ("POS", "*i64"), ("OUT", "*fp32"),
         ("stride_qb", "i32"), ("stride_qh", "i32"), ("stride_qt", "i32"), ("stride_qd", "1"),
         ("stride_kb", "i32"), ("stride_kh", "i32"), ("stride_kj", "i32"), ("stride_kd", "1"),
         ("stride_pb", "i32"), ("stride_pt", "1"),
@@ -118,7 +118,7 @@ SIGNATURES = {
         ("n_kv_heads", "i32"), ("n_kernels", "i32"), ("kernel_size", "i32"), ("kernel_stride", "i32"),
         ("scale", "fp32")],
     "cache_write_kernel": [
-        ("NEW", "*T"), ("CACHE", "*T"), ("POS", "*i32"),
+        ("NEW", "*T"), ("CACHE", "*T"), ("POS", "*i64"),
         ("stride_nb", "i32"), ("stride_nt", "i32"), ("stride_nh", "i32"), ("stride_nd", "1"),
         ("stride_cb", "i32"), ("stride_ch", "i32"), ("stride_cs", "i32"), ("stride_cd", "1"),
         ("stride_pb", "i32"), ("stride_pt", "1"), ("n_kv_heads", "i32")],

@@ -34,6 +34,11 @@ STAGE1_WARPS = 8  # with 4 warps the head_dim-128 variant spills 96 bytes on sm_
 UPCAST_DOTS = os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def attention_warps(head_dim: int) -> int:
+    """Warps of block_attention_kernel: at head_dim 128 four warps spill on sm_87 (ptxas), eight do not."""
+    return 8 if head_dim >= 128 else 4
+
+
 def group_pad(group: int) -> int:
     return max(MIN_DOT, triton.next_power_of_2(group))
 
@@ -173,7 +178,7 @@ def cache_write_kernel(
 def write_cache_(cache: torch.Tensor, new: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     """In-place Triton version of trt_plugins.ops.write_cache: cache (B, Hkv, S, D), new (B, T, Hkv, D)."""
     B, T, Hkv, D = new.shape
-    pos = positions.to(torch.int32)
+    pos = positions.to(torch.int64).contiguous()
     cache_write_kernel[(T, B * Hkv)](new, cache, pos, *new.stride(), *cache.stride(), *pos.stride(), Hkv,
                                      HEAD_DIM=D)
     return cache
@@ -198,7 +203,7 @@ def stage1_scores(q: torch.Tensor, kc: torch.Tensor, q_pos: torch.Tensor, cfg: I
     out = torch.empty(B, Hkv, T, NK, device=q.device, dtype=torch.float32)
     if NK == 0:
         return out
-    pos = q_pos.to(torch.int32)
+    pos = q_pos.to(torch.int64).contiguous()  # int64, as the ONNX graph carries them
     stage1_scores_kernel[(T, B * Hkv)](
         q, kc, pos, out, *q.stride(), *kc.stride(), *pos.stride(), *out.stride(),
         Hkv, NK, cfg.kernel_size, cfg.kernel_stride, 1.0 / math.sqrt(D),
@@ -214,7 +219,7 @@ def block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: to
     B, H, T, D = q.shape
     Hkv = k.shape[1]
     out = torch.empty_like(q)
-    pos = q_pos.to(torch.int32)
+    pos = q_pos.to(torch.int64).contiguous()  # int64, as the ONNX graph carries them
     if block_mask is None:
         idx = cnt = torch.zeros(1, 1, 1, 1, dtype=torch.int32, device=q.device)
         cnt = cnt[..., 0]
@@ -229,7 +234,7 @@ def block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: to
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *pos.stride(), *idx.stride(), *cnt.stride(),
         Hkv, 1.0 / math.sqrt(D),
         GROUP=H // Hkv, GROUP_PAD=group_pad(H // Hkv), HEAD_DIM=D, BLOCK_N=block_size,
-        DENSE=block_mask is None, UPCAST=UPCAST_DOTS)
+        DENSE=block_mask is None, UPCAST=UPCAST_DOTS, num_warps=attention_warps(D))
     return out
 
 

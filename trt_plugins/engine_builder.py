@@ -1,0 +1,98 @@
+"""Build a TensorRT (or TensorRT-RTX) engine from a trt-flavor ONNX graph with the kit's plugins.
+
+Two optimization profiles, both with the cache at the profile's full context:
+  0 prefill   batch 1, 1..max_context new tokens (the runtime prefills one row at a time)
+  1 decode    1..max_batch rows, one new token each
+Networks are strongly typed (TensorRT 11 and TensorRT-RTX know no other kind): the graph's dtypes decide.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from trt_plugins.tensorrt_plugins import import_tensorrt, register_plugins
+
+log = logging.getLogger(__name__)
+
+
+class EngineBuildError(RuntimeError):
+    """The parser or builder refused the graph; the message carries TensorRT's own words."""
+
+
+@dataclass
+class EngineShapes:
+    max_batch: int
+    max_context: int
+    num_kv_heads: int
+    head_dim: int
+    cache_names: list[str]
+
+    def profiles(self) -> list[dict[str, tuple]]:
+        ctx, b = self.max_context, self.max_batch
+        opt_prefill = min(512, ctx)
+
+        def cache(batch):
+            return (batch, self.num_kv_heads, ctx, self.head_dim)
+
+        prefill = {"input_ids": ((1, 1), (1, opt_prefill), (1, ctx)), "positions": ((1, 1), (1, opt_prefill), (1, ctx))}
+        prefill.update({n: (cache(1), cache(1), cache(1)) for n in self.cache_names})
+        decode = {"input_ids": ((1, 1), (b, 1), (b, 1)), "positions": ((1, 1), (b, 1), (b, 1))}
+        decode.update({n: (cache(1), cache(b), cache(b)) for n in self.cache_names})
+        return [prefill, decode]
+
+
+class _Logger:
+    """Collects TensorRT's messages so a failure can quote them."""
+
+    def __init__(self, trt):
+        class Logger(trt.ILogger):
+            def __init__(inner):
+                trt.ILogger.__init__(inner)
+                inner.messages = []
+
+            def log(inner, severity, msg):
+                inner.messages.append((severity, msg))
+                if severity <= trt.ILogger.Severity.WARNING:
+                    log.warning("TensorRT: %s", msg)
+        self.logger = Logger()
+
+
+def build_engine(onnx_path: Path, shapes: EngineShapes, flavour: str = "any", workspace_mb: int = 1024,
+                 progress=lambda stage: None) -> tuple[bytes, dict]:
+    """Parse, build and serialize; returns the engine bytes and a description for the manifest."""
+    trt = import_tensorrt({"tensorrt": "tensorrt", "tensorrt-rtx": "rtx"}.get(flavour, "any"))
+    register_plugins(trt)
+    logger = _Logger(trt).logger
+    builder = trt.Builder(logger)
+    flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+    network = builder.create_network(flags)
+    parser = trt.OnnxParser(network, logger)
+    progress(f"parsing {onnx_path.name} with {trt.__name__} {trt.__version__}")
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = [parser.get_error(i).desc() for i in range(parser.num_errors)]
+        raise EngineBuildError(f"{onnx_path}: TensorRT's ONNX parser refused the graph: {'; '.join(errors)}")
+    plugin_layers = [network.get_layer(i).name for i in range(network.num_layers)
+                     if network.get_layer(i).type == trt.LayerType.PLUGIN_V3]
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_mb << 20)
+    # CpmAttention's cache outputs alias its cache inputs (in-place KV update), a preview feature since 10.3.
+    config.set_preview_feature(trt.PreviewFeature.ALIASED_PLUGIN_IO_10_03, True)
+    for spec in shapes.profiles():
+        profile = builder.create_optimization_profile()
+        for name, (lo, opt, hi) in spec.items():
+            profile.set_shape(name, lo, opt, hi)
+        config.add_optimization_profile(profile)
+    progress(f"building the engine ({len(plugin_layers)} plugin layers, {network.num_layers} layers)")
+    start = time.perf_counter()
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        errors = [m for s, m in logger.messages if s <= trt.ILogger.Severity.ERROR]
+        raise EngineBuildError(f"{onnx_path}: TensorRT could not build an engine: {'; '.join(errors) or 'no reason given'}")
+    info = {"tensorrt_module": trt.__name__, "tensorrt_version": trt.__version__,
+            "plugin_layers": len(plugin_layers), "layers": network.num_layers,
+            "build_seconds": round(time.perf_counter() - start, 2),
+            "profiles": json.loads(json.dumps(shapes.profiles()))}
+    return bytes(serialized), info

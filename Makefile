@@ -4,14 +4,14 @@ VENV       ?= .venv
 # On these machines torch must be asked for exactly like this (a CPU build on local disk); elsewhere
 # override it, e.g. TORCH_SPEC="torch==2.5.1" or TORCH_SPEC="torch --index-url https://download.pytorch.org/whl/cpu".
 TORCH_SPEC ?= torch==2.13.0
-EXTRAS     ?= export,kernels,onnxruntime,test
+EXTRAS     ?= export,kernels,onnxruntime,agent,tensorrt-rtx,test
 PY         := $(VENV)/bin/python
 CPM        := $(VENV)/bin/cpm-edge
 BUILD      ?= build
 TARGETS    ?= sm_87,sm_89,sm_90
 SETUP_STAMP := $(VENV)/.setup-$(shell echo "$(TORCH_SPEC) $(EXTRAS)" | cksum | cut -d' ' -f1)
 
-.PHONY: setup test demo kernels bench-kernels clean help
+.PHONY: setup mosquitto test demo kernels engine flash test-device bench-kernels bench-agent clean help
 
 help:
 	@echo "make demo    tiny MiniCPM4 model -> streamed answer (CPU, no downloads of models)"
@@ -19,8 +19,17 @@ help:
 	@echo "make setup   create $(VENV) with the kit and its test dependencies"
 	@echo "make kernels compile the Triton kernels for TARGETS=$(TARGETS) into $(BUILD)/kernels (no GPU needed)"
 	@echo "make bench-kernels   sparse-attention / ternary savings (counted; timed on an NVIDIA GPU)"
+	@echo "make bench-agent     MQTT agent: requests/s and its own overhead on a loopback Mosquitto"
 
-setup: $(SETUP_STAMP)
+setup: mosquitto $(SETUP_STAMP)
+
+# The agent's tests run a real Mosquitto; as root on Debian/Ubuntu it is installed here, else say how.
+mosquitto:
+	@if command -v mosquitto >/dev/null 2>&1 || test -x /usr/sbin/mosquitto; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto mosquitto-clients; \
+	else echo "note: mosquitto is not installed (sudo apt-get install mosquitto mosquitto-clients);" \
+		"the agent tests skip and make demo uses the embedded MQTT 3.1.1 broker"; fi
 
 $(SETUP_STAMP): pyproject.toml Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -33,10 +42,27 @@ $(SETUP_STAMP): pyproject.toml Makefile
 test: setup
 	$(PY) -m pytest -q
 
+# tiny model -> ONNX export -> agent on a loopback broker (Mosquitto, else the embedded one) -> `ask` streams.
 demo: setup
 	$(CPM) tiny $(BUILD)/demo/tiny-dense --force
-	$(CPM) generate $(BUILD)/demo/tiny-dense --chat --prompt "Which block should the robot pick up?" \
-		--max-tokens 48 --temperature 0.8 --top-p 0.9 --seed 7
+	$(CPM) export $(BUILD)/demo/tiny-dense --out $(BUILD)/demo/export --max-seq 1024 --force
+	$(PY) -m agent.demo --bundle $(BUILD)/demo/export --prompt "Which block should the robot pick up?" \
+		--chat --max-tokens 48 --temperature 0.8 --top-p 0.9 --seed 7
+
+engine: setup
+	@test -n "$(DEVICE)" || { echo "make engine: set DEVICE to a profile: $$(ls devices/*/*.yaml | xargs -n1 basename | sed 's/.yaml//' | tr '\n' ' ')"; exit 2; }
+	$(CPM) engine --device $(DEVICE) $(if $(MODEL),--model $(MODEL)) --out $(BUILD)/engines/$(DEVICE) --force
+
+flash: setup
+	@test -n "$(DEVICE)" -a -n "$(HOST)" || { echo "make flash: set DEVICE=<profile> and HOST=user@host or HOST=local:/folder"; exit 2; }
+	$(CPM) flash --bundle $(BUILD)/engines/$(DEVICE) --host $(HOST) $(if $(BROKER),--broker $(BROKER))
+
+# On the device (no torch there): the flashed agent checks golden answers and speed floors.
+CPM_DEVICE ?= /opt/cpm-edge/.venv/bin/cpm-edge
+BUNDLE     ?= /opt/cpm-edge/bundle
+test-device:
+	@mkdir -p $(BUILD)
+	$(CPM_DEVICE) device-test --bundle $(BUNDLE) --report $(BUILD)/device-report.json
 
 kernels: setup
 	$(CPM) kernels compile --target $(TARGETS) --out $(BUILD)/kernels
@@ -44,6 +70,10 @@ kernels: setup
 bench-kernels: setup
 	$(PY) -m pip install -q matplotlib
 	$(PY) bench/kernels.py
+
+bench-agent: setup
+	$(PY) -m pip install -q matplotlib
+	$(PY) bench/agent.py
 
 clean:
 	rm -rf $(BUILD) .pytest_cache

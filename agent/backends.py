@@ -1,5 +1,5 @@
-"""Open what the agent serves: an export folder (onnxruntime backend) today; engine bundles come with the
-tensorrt backend. Returns the backend, its tokenizer and a description for status/telemetry."""
+"""Open what the agent serves: an export folder (onnxruntime backend) or an engine bundle (tensorrt backend).
+Returns the backend, its tokenizer and a description for status/telemetry."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -9,10 +9,26 @@ from agent.tokenizer import Tokenizer
 
 
 def open_bundle(path: str | Path, max_batch: int = 4, max_seq: int | None = None, threads: int = 0):
-    """(backend, tokenizer, info) for a folder made by `cpm-edge export`."""
+    """(backend, tokenizer, info) for an engine bundle (cpm-edge engine; it has manifest.json) or an export
+    folder (cpm-edge export)."""
     path = Path(path)
     if not path.is_dir():
         raise AgentInputError(f"{path}: not a directory (expected an export folder from cpm-edge export)")
+    if (path / "manifest.json").exists():
+        from agent.bundle_check import read_manifest, verify_files
+
+        manifest = read_manifest(path)
+        verify_files(path, manifest)  # before anything needs a GPU: a tampered bundle is refused everywhere
+        from agent.tensorrt_backend import TensorRTBackend
+        from trt_plugins.tensorrt_plugins import TensorRTMissing
+        try:
+            backend = TensorRTBackend(path, max_batch=max_batch)
+        except ImportError as e:
+            raise AgentInputError(f"{path}: an engine bundle needs pycuda on an NVIDIA device "
+                                  f"({e.name or e} is not importable here)") from None
+        except TensorRTMissing as e:
+            raise AgentInputError(f"{path}: {e}") from None
+        return backend, Tokenizer(path), {"backend": "tensorrt", **{k: v for k, v in manifest.items() if k != "files"}}
     if (path / "export.json").exists():
         from agent.onnxruntime_backend import OnnxRuntimeBackend, read_export_info
 
@@ -22,4 +38,5 @@ def open_bundle(path: str | Path, max_batch: int = 4, max_seq: int | None = None
                                   f"backend needs one made with --flavor portable")
         backend = OnnxRuntimeBackend(path, max_batch=max_batch, max_seq=max_seq, threads=threads)
         return backend, Tokenizer(path), {"backend": "onnxruntime", **info}
-    raise AgentInputError(f"{path}: no export.json; make one with `cpm-edge export MODEL_DIR --out {path}`")
+    raise AgentInputError(f"{path}: neither export.json nor manifest.json; make an export folder with "
+                          f"`cpm-edge export MODEL_DIR --out {path}` or a bundle with `cpm-edge engine`")

@@ -117,6 +117,7 @@ class ExportOptions:
     ternary: str = "auto"  # auto: pack when every projection is ternary (trt flavor only); off; packed
     all_logits: bool = False
     overwrite: bool = False
+    sparse: bool = True    # False: dense attention even when the model has a sparse_config
 
 
 def model_hash(model_dir: Path) -> str:
@@ -164,6 +165,8 @@ def export(opts: ExportOptions, progress=lambda stage: None) -> Path:
             if opts.ternary == "packed":
                 raise CheckpointError(f"--ternary packed: {e}") from None
             model = load_model(model_dir, DTYPES[opts.dtype], config=config)  # dense: start again unpacked
+    if not opts.sparse:
+        config.sparse = model.config.sparse = None
     model.setup_rope(opts.max_seq)
     wrapper = ExportModel(model, opts.flavor, opts.all_logits).eval()
 

@@ -6,6 +6,8 @@ import os
 import pytest
 import torch
 
+pytest_plugins = ["mqtt_fixtures"]  # a Mosquitto per test and a scripted backend, for the agent tests
+
 # Triton kernels run on CPU tensors in Triton's interpreter when there is no GPU. It must be chosen before
 # any kernel module is imported (triton.jit reads it when it decorates).
 if not torch.cuda.is_available():

@@ -183,5 +183,5 @@ def test_open_bundle_refuses_what_it_cannot_serve(exports, tmp_path):
 
     with pytest.raises(AgentInputError, match="--flavor portable"):
         open_bundle(exports["dense", "trt"])
-    with pytest.raises(AgentInputError, match="no export.json"):
+    with pytest.raises(AgentInputError, match="neither export.json nor manifest.json"):
         open_bundle(tmp_path)

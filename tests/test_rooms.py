@@ -41,3 +41,11 @@ def test_cli_help_does_not_import_torch():
     code = "import sys; from cli.main import build_parser; build_parser(); print('torch' in sys.modules)"
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert proc.stdout.strip() == "False", proc.stderr
+
+
+def test_tensorrt_plugins_load_without_torch():
+    """The device registers the plugins before deserializing an engine; it has no torch."""
+    code = ("import sys; import trt_plugins.tensorrt_plugins, trt_plugins.names, trt_plugins.attention.config; "
+            "print('torch' in sys.modules)")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert proc.stdout.strip() == "False", proc.stderr

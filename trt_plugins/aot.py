@@ -131,6 +131,10 @@ SIGNATURES = {
 
 
 def _kernel_fn(cfg: KernelConfig):
+    """The kernel's JITFunction. A process that set TRITON_INTERPRET=1 cannot compile (Triton's interpreter
+    takes over code generation): compile in a process of its own, as `cpm-edge kernels compile` does."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        raise RuntimeError("TRITON_INTERPRET=1 is set: run the AOT compiler in a process without it")
     if cfg.module == "attention":
         from trt_plugins.attention import kernels
     else:

@@ -96,3 +96,39 @@ def build_engine(onnx_path: Path, shapes: EngineShapes, flavour: str = "any", wo
             "build_seconds": round(time.perf_counter() - start, 2),
             "profiles": json.loads(json.dumps(shapes.profiles()))}
     return bytes(serialized), info
+
+
+ENGINE_FILE = "engine.plan"
+
+
+def build_bundle_engine(folder: Path, max_batch: int, flavour: str, progress=lambda stage: None) -> dict:
+    """Build folder/engine.plan from the bundle's model.onnx (host or device); returns the manifest fields."""
+    import os
+
+    info = json.loads((folder / "export.json").read_text())
+    shapes = EngineShapes(max_batch, info["max_seq"], info["num_kv_heads"], info["head_dim"], info["inputs"][2:])
+    blob, meta = build_engine(folder / "model.onnx", shapes, flavour, progress=progress)
+    tmp = folder / f".{ENGINE_FILE}.tmp"
+    tmp.write_bytes(blob)
+    os.replace(tmp, folder / ENGINE_FILE)
+    return {"engine": ENGINE_FILE, "engine_status": "built", "engine_note": None,
+            "tensorrt_module": meta["tensorrt_module"], "tensorrt_version": meta["tensorrt_version"],
+            "engine_build_seconds": meta["build_seconds"]}
+
+
+def local_gpu_sm() -> int | None:
+    """The SM of GPU 0 from nvidia-smi (Jetsons: from the device tree), or None."""
+    import subprocess
+
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=compute_cap", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=20)
+        if out.returncode == 0 and out.stdout.strip():
+            major, minor = out.stdout.strip().splitlines()[0].split(".")
+            return int(major) * 10 + int(minor)
+    except (OSError, subprocess.TimeoutExpired, ValueError):
+        pass
+    model = Path("/proc/device-tree/model")
+    if model.exists() and "Orin" in model.read_text(errors="ignore"):
+        return 87
+    return None

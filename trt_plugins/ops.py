@@ -9,18 +9,9 @@ from __future__ import annotations
 import torch
 
 from trt_plugins.attention.reference import InfLLMv2Config, attention_ref, infllm_v2_attention_ref
+from trt_plugins.names import (ATTENTION_OP, NAMESPACE, ONNX_DOMAIN_VERSION, PLUGIN_VERSION, TERNARY_OP,  # noqa: F401
+                               attention_attrs, config_from_attrs, plugin_attrs)
 from trt_plugins.ternary.reference import PackedTernary, ternary_linear_ref
-
-NAMESPACE = "cpm_edge"        # ONNX domain, TensorRT plugin namespace
-PLUGIN_VERSION = "1"
-ATTENTION_OP = "CpmAttention"
-TERNARY_OP = "CpmTernaryGemm"
-ONNX_DOMAIN_VERSION = 1
-
-
-def _plugin_attrs() -> dict:
-    return {"plugin_version": PLUGIN_VERSION, "plugin_namespace": NAMESPACE}
-
 
 def write_cache(cache: torch.Tensor, new: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     """The cache (B, Hkv, S, D) with new (B, T, Hkv, D) written at positions (B, T): a new tensor."""
@@ -28,23 +19,6 @@ def write_cache(cache: torch.Tensor, new: torch.Tensor, positions: torch.Tensor)
     out = cache.clone()
     out[rows, :, positions] = new.to(cache.dtype)
     return out
-
-
-def attention_attrs(n_heads: int, n_kv_heads: int, head_dim: int, sparse: InfLLMv2Config | None) -> dict:
-    attrs = {"num_heads": n_heads, "num_kv_heads": n_kv_heads, "head_dim": head_dim, "sparse": int(sparse is not None)}
-    s = sparse or InfLLMv2Config()
-    attrs.update({"kernel_size": s.kernel_size, "kernel_stride": s.kernel_stride, "init_blocks": s.init_blocks,
-                  "block_size": s.block_size, "window_size": s.window_size, "topk": s.topk,
-                  "dense_len": s.dense_len})
-    return attrs
-
-
-def config_from_attrs(attrs: dict) -> InfLLMv2Config | None:
-    """The InfLLM v2 settings a CpmAttention node carries (None: dense attention)."""
-    if not attrs.get("sparse"):
-        return None
-    return InfLLMv2Config(**{k: int(attrs[k]) for k in ("kernel_size", "kernel_stride", "init_blocks",
-                                                          "block_size", "window_size", "topk", "dense_len")})
 
 
 def cpm_attention_eager(q, k, v, k_cache, v_cache, positions, sparse: InfLLMv2Config | None):
@@ -64,7 +38,7 @@ def cpm_attention(q, k, v, k_cache, v_cache, positions, sparse: InfLLMv2Config |
     if not torch.onnx.is_in_onnx_export():
         return cpm_attention_eager(q, k, v, k_cache, v_cache, positions, sparse)
     B, T, H, D = q.shape
-    attrs = {**attention_attrs(H, k.shape[2], D, sparse), **_plugin_attrs()}
+    attrs = {**attention_attrs(H, k.shape[2], D, sparse), **plugin_attrs()}
     out, k_new, v_new = torch.onnx.ops.symbolic_multi_out(
         f"{NAMESPACE}::{ATTENTION_OP}",
         [q.reshape(B, T, H * D), k.reshape(B, T, -1), v.reshape(B, T, -1), k_cache, v_cache, positions],
@@ -83,7 +57,7 @@ def cpm_ternary_gemm(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor
         layout = TernaryLayout(layout_kind, group_size or in_features)
         return ternary_linear_ref(x, PackedTernary(packed.view(torch.uint8), scales, in_features, layout))
     attrs = {"in_features": in_features, "out_features": packed.shape[0], "group_size": group_size,
-             **_plugin_attrs()}
+             **plugin_attrs()}
     return torch.onnx.ops.symbolic(f"{NAMESPACE}::{TERNARY_OP}", [x, packed, scales], attrs, dtype=x.dtype,
                                    shape=[*x.shape[:-1], packed.shape[0]], version=ONNX_DOMAIN_VERSION)
 

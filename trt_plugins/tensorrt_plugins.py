@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from trt_plugins import ops
+from trt_plugins import names as ops  # torch-free: names, attributes, InfLLM v2 settings
 
 log = logging.getLogger(__name__)
 KERNEL_DIR_ENV = "CPM_EDGE_KERNELS"  # folder with <sm>/<config>.cubin/.json (the bundle's kernels/)

@@ -1,0 +1,359 @@
+"""The agent's core without MQTT: validate and enqueue on the network thread, generate on a scheduler thread.
+
+The transport calls `handle(Inbound)` from its network thread. That call only parses, checks limits and puts
+the request into a bounded inbox (or answers an error at once: `busy` when the agent already holds
+max_batch + queue_size requests). One scheduler thread owns the BatchGenerator: between two decode steps it
+drains the inbox (so a cancel lands within one step), admits waiting requests into free cache rows (refusing
+those that waited past their expiry), runs one batched step and streams the text in chunks. Every accepted
+request ends with exactly one final message, `done` or `error`: nothing is dropped silently.
+"""
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+from itertools import count
+from typing import Optional, Protocol
+
+from agent import protocol as P
+from agent.config import AgentConfig
+from agent.errors import AgentInputError
+from agent.generation import Backend, BatchGenerator, Completion
+from agent.tokenizer import Tokenizer
+
+log = logging.getLogger("cpm-edge.agent")
+
+
+class Outbox(Protocol):
+    def publish(self, topic: str, payload: bytes, correlation_data: Optional[bytes] = None,
+                retain: bool = False) -> None: ...
+
+
+@dataclass
+class _Job:
+    req: P.Request
+    key: int
+    seq: int = 0                    # next sequence number on the reply topic
+    buffer: list = field(default_factory=list)
+    buffered: int = 0               # text pieces in buffer (about one per token)
+    last_flush: float = 0.0
+    admitted_at: float = 0.0
+    first_token_at: float = 0.0
+    prompt_tokens: int = 0
+    abort: Optional[tuple[str, str]] = None  # (code, message): end with this error instead of `done`
+
+
+class AgentServer:
+    """Serves one backend. Thread-safe entry points: handle(), stats(), stop()."""
+
+    def __init__(self, backend: Backend, tokenizer: Tokenizer, config: AgentConfig, info: Optional[dict] = None,
+                 clock=time.monotonic):
+        self.backend, self.tokenizer, self.config = backend, tokenizer, config
+        self.info = dict(info or {})
+        self.clock = clock
+        self.topics = P.Topics(config.prefix, config.device_id, config.pool, config.fleet_group)
+        self.limits = P.Limits(config.max_payload_bytes, config.max_tokens, config.default_max_tokens,
+                               config.max_wait_s)
+        self.max_prompt_tokens = min(config.max_prompt_tokens or backend.max_seq - 1, backend.max_seq - 1)
+        self.capacity = backend.max_batch + config.queue_size
+        self.inbox: queue.Queue = queue.Queue(maxsize=self.capacity + 256)  # requests are bounded by capacity
+        self.outbox: Optional[Outbox] = None
+        self._lock = threading.Lock()
+        self._outstanding = 0            # accepted, not yet answered with a final message
+        self._stopping = threading.Event()
+        self._stopped = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+        self.heartbeat = clock()         # the scheduler's last loop iteration (the systemd watchdog checks it)
+        self.counters = {"received": 0, "accepted": 0, "completed": 0, "cancelled": 0, "tokens": 0,
+                         "unanswerable": 0, "errors": {}}
+        self._ids = count()
+        # scheduler-thread state
+        self.generator = BatchGenerator(backend, tokenizer)
+        self.pending: deque[_Job] = deque()     # accepted, not yet in the generator
+        self.jobs: dict[int, _Job] = {}         # key -> job, pending or running
+        self.by_target: dict = {}               # ReplyTarget.key -> job
+        self.finished: OrderedDict = OrderedDict()  # ReplyTarget.key -> (time, topic, payload, correlation)
+
+    # --- lifecycle ----------------------------------------------------------------------------------
+    def start(self, outbox: Outbox):
+        self.outbox = outbox
+        self._thread = threading.Thread(target=self._run, name="cpm-scheduler", daemon=True)
+        self._thread.start()
+
+    def stop(self, grace_s: Optional[float] = None, timeout: float = 30.0) -> bool:
+        """Refuse new requests, give running ones grace_s to finish, end the rest with `shutting_down`."""
+        self._grace_until = self.clock() + (self.config.shutdown_grace_s if grace_s is None else grace_s)
+        self._stopping.set()
+        self._wake()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        return self._stopped.is_set() or self._thread is None
+
+    @property
+    def outstanding(self) -> int:
+        with self._lock:
+            return self._outstanding
+
+    def stats(self) -> dict:
+        with self._lock:
+            c = dict(self.counters, errors=dict(self.counters["errors"]))
+            c["outstanding"] = self._outstanding
+        c["capacity"] = self.capacity
+        return c
+
+    # --- network thread: validate and enqueue only ----------------------------------------------------
+    def handle(self, msg: P.Inbound):
+        kind = self.topics.kind_of(msg.topic)
+        if kind == "request":
+            self.handle_request(msg)
+        elif kind in ("cancel", "resend"):
+            self.handle_control(msg, kind)
+        else:
+            log.debug("message on unexpected topic %s ignored", msg.topic)
+
+    def handle_request(self, msg: P.Inbound):
+        self._count("received")
+        try:
+            req = P.parse_request(msg, self.limits, self.tokenizer.defaults)
+        except P.RequestError as e:
+            self._refuse(e)
+            return
+        if self._stopping.is_set():
+            self._refuse(P.RequestError(P.SHUTTING_DOWN, "the agent is shutting down", req.target))
+            return
+        with self._lock:
+            if self._outstanding >= self.capacity:
+                full = True
+            else:
+                full = False
+                self._outstanding += 1
+                self.counters["accepted"] += 1
+        if full:
+            self._refuse(P.RequestError(P.BUSY, f"{self.capacity} requests already running or queued; "
+                                                f"retry later", req.target))
+            return
+        self.inbox.put_nowait(("request", req))  # cannot be full: requests are bounded by capacity
+
+    def handle_control(self, msg: P.Inbound, kind: str):
+        try:
+            control = P.parse_control(msg, self.limits, pooled=msg.topic not in (self.topics.cancel,
+                                                                                  self.topics.resend))
+        except P.RequestError as e:
+            log.info("%s on %s refused: %s", kind, msg.topic, e.message)
+            return
+        try:
+            self.inbox.put_nowait((kind, control))
+        except queue.Full:
+            log.warning("%s dropped: the control queue is full", kind)
+
+    def _refuse(self, e: P.RequestError):
+        self._count_error(e.code)
+        if e.target is None:
+            self._count("unanswerable")
+            log.info("request refused and cannot be answered (%s): %s", e.code, e.message)
+            return
+        self._publish(e.target, P.error_payload(e.target.id, 0, e.code, e.message))
+
+    # --- scheduler thread ---------------------------------------------------------------------------
+    def _wake(self):
+        try:
+            self.inbox.put_nowait(("wake", None))
+        except queue.Full:
+            pass  # a full inbox wakes the scheduler anyway
+
+    def _run(self):
+        try:
+            while True:
+                self.heartbeat = self.clock()
+                working = self.generator.busy or bool(self.pending)
+                self._drain(block=not working)
+                if self._stopping.is_set():
+                    self._shutdown_step()
+                    if self.outstanding == 0:  # counted before enqueued: nothing accepted is left behind
+                        break
+                self._admit()
+                if self.generator.busy:
+                    self._step()
+        finally:
+            self._stopped.set()
+
+    def _drain(self, block: bool):
+        """Take everything in the inbox; when idle, wait for the first item (1 s at most: heartbeat)."""
+        for n in range(self.inbox.maxsize + 1):
+            try:
+                kind, item = self.inbox.get(timeout=1.0) if (block and n == 0) else self.inbox.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                if kind == "request":
+                    self._accept(item)
+                elif kind == "cancel":
+                    self._cancel(item)
+                elif kind == "resend":
+                    self._resend(item)
+            except Exception:  # a bug must not take the scheduler down; the request gets an `internal` error
+                log.exception("scheduler: %s failed", kind)
+                if kind == "request" and item.target.key not in self.by_target:
+                    self._release(None, item.target, P.error_payload(item.target.id, 0, P.INTERNAL,
+                                                                     "internal error"), P.INTERNAL)
+
+    def _accept(self, req: P.Request):
+        job = _Job(req, next(self._ids))
+        if req.target.key in self.by_target:
+            self._release(None, req.target, P.error_payload(req.target.id, 0, P.DUPLICATE_ID,
+                          "a request with this id and reply topic is already in flight"), P.DUPLICATE_ID)
+            return
+        self.jobs[job.key] = job
+        self.by_target[req.target.key] = job
+        self.pending.append(job)
+
+    def _admit(self):
+        gen = self.generator
+        while self.pending and gen.active + len(gen.waiting) < self.backend.max_batch:
+            job = self.pending.popleft()
+            req = job.req
+            now = self.clock()
+            if now > req.deadline:
+                self._fail(job, P.EXPIRED, f"waited {now - req.received_at:.1f} s, past its expiry; not run")
+                continue
+            try:
+                if req.messages is not None:
+                    ids = self.tokenizer.encode_chat(req.messages)
+                elif req.chat:
+                    ids = self.tokenizer.encode_chat([{"role": "user", "content": req.prompt}])
+                else:
+                    ids = self.tokenizer.encode(req.prompt)
+                if len(ids) > self.max_prompt_tokens:
+                    self._fail(job, P.PROMPT_TOO_LONG, f"prompt: {len(ids)} tokens, this agent takes at most "
+                                                       f"{self.max_prompt_tokens}")
+                    continue
+                gen.add(job.key, ids, req.params, self._on_text, self._on_done)
+            except AgentInputError as e:
+                self._fail(job, P.BAD_REQUEST, str(e))
+                continue
+            job.prompt_tokens = len(ids)
+            job.admitted_at = job.last_flush = now
+
+    def _step(self):
+        try:
+            self.generator.step()
+        except Exception as e:  # a backend failure ends the requests in the batch, not the agent
+            log.exception("backend step failed")
+            for job in [j for j in self.jobs.values() if j not in self.pending]:
+                job.abort = (P.INTERNAL, f"the backend failed: {type(e).__name__}")
+                if not self.generator.cancel(job.key):
+                    self._fail(job, P.INTERNAL, job.abort[1])
+            self.generator = BatchGenerator(self.backend, self.tokenizer)
+
+    def _on_text(self, key: int, delta: str):
+        job = self.jobs[key]
+        now = self.clock()
+        if not job.first_token_at:
+            job.first_token_at = now
+        job.buffer.append(delta)
+        job.buffered += 1
+        if job.req.stream and (job.seq == 0 or job.buffered >= self.config.chunk_tokens
+                               or (now - job.last_flush) * 1000 >= self.config.chunk_ms):
+            self._flush(job, now)
+
+    def _flush(self, job: _Job, now: float):
+        if job.buffer:
+            self._publish(job.req.target, P.chunk_payload(job.req.target.id, job.seq, "".join(job.buffer)))
+            job.seq += 1
+            job.buffer.clear()
+            job.buffered = 0
+            job.last_flush = now
+
+    def _on_done(self, key: int, out: Completion):
+        job = self.jobs[key]
+        now = self.clock()
+        self._count("tokens", len(out.token_ids))
+        if job.abort is not None:
+            self._fail(job, *job.abort)
+            return
+        if job.req.stream:
+            self._flush(job, now)
+        first = job.first_token_at or now
+        engine_ttft = out.time_to_first_token
+        timings = {"queue_ms": (job.admitted_at - job.req.received_at) * 1000,
+                   "ttft_ms": (first - job.req.received_at) * 1000,
+                   "engine_ttft_ms": engine_ttft * 1000,
+                   "decode_ms": out.decode_seconds * 1000,
+                   "total_ms": (now - job.req.received_at) * 1000,
+                   "tokens_per_s": out.tokens_per_second}
+        payload = P.done_payload(job.req.target.id, job.seq, out.text, out.finish_reason, out.prompt_tokens,
+                                 len(out.token_ids), timings)
+        self._count("cancelled" if out.finish_reason == "cancelled" else "completed")
+        self._release(job, job.req.target, payload, None)
+
+    def _fail(self, job: _Job, code: str, message: str):
+        self._release(job, job.req.target, P.error_payload(job.req.target.id, job.seq, code, message), code)
+
+    def _release(self, job: Optional[_Job], target: P.ReplyTarget, payload: bytes, code: Optional[str]):
+        """Send a request's final message and free its place (the one way every accepted request ends)."""
+        if job is not None:
+            self.jobs.pop(job.key, None)
+            if self.by_target.get(target.key) is job:
+                del self.by_target[target.key]
+            self.finished[target.key] = (self.clock(), target, payload)
+            self.finished.move_to_end(target.key)
+            self._trim_finished()
+        if code is not None:
+            self._count_error(code)
+        with self._lock:
+            self._outstanding -= 1
+        self._publish(target, payload)
+
+    def _trim_finished(self):
+        oldest = self.clock() - self.config.finished_ttl_s
+        while self.finished and (len(self.finished) > self.config.finished_cache
+                                 or next(iter(self.finished.values()))[0] < oldest):
+            self.finished.popitem(last=False)
+
+    def _cancel(self, control: P.Control):
+        for job in [j for j in self.jobs.values() if control.matches(j.req.target)]:
+            if job in self.pending:
+                self.pending.remove(job)
+                job.admitted_at = self.clock()
+                self._on_done(job.key, Completion(prompt_tokens=0, finish_reason="cancelled"))
+            else:
+                self.generator.cancel(job.key)
+
+    def _resend(self, control: P.Control):
+        """After a broker restart: send again the final message of a finished request, or say it is unknown."""
+        if any(control.matches(j.req.target) for j in self.jobs.values()):
+            return  # still running: its final message is still to come
+        self._trim_finished()
+        hits = [(t, p) for _, t, p in self.finished.values() if control.matches(t)]
+        for target, payload in hits:
+            self._publish(target, payload)
+        if not hits and control.reply_to is not None and not control.pooled:
+            target = P.ReplyTarget(control.reply_to, control.correlation_data, control.id)
+            self._publish(target, P.error_payload(control.id, 0, P.UNKNOWN_REQUEST,
+                                                  "no such request in flight or recently finished"))
+
+    def _shutdown_step(self):
+        while self.pending:
+            self._fail(self.pending.popleft(), P.SHUTTING_DOWN, "the agent is shutting down; not run")
+        if self.clock() >= self._grace_until:
+            for job in list(self.jobs.values()):
+                job.abort = (P.SHUTTING_DOWN, "the agent is shutting down; stopped before the end")
+                self.generator.cancel(job.key)
+
+    # --- helpers ------------------------------------------------------------------------------------
+    def _publish(self, target: P.ReplyTarget, payload: bytes):
+        try:
+            self.outbox.publish(target.topic, payload, target.correlation_data)
+        except Exception:  # a transport failure must not take the scheduler down
+            log.exception("publish to %s failed", target.topic)
+
+    def _count(self, key: str, n: int = 1):
+        with self._lock:
+            self.counters[key] += n
+
+    def _count_error(self, code: str):
+        with self._lock:
+            self.counters["errors"][code] = self.counters["errors"].get(code, 0) + 1

@@ -1,0 +1,101 @@
+"""One running device agent: the MQTT transport, the AgentServer, telemetry and the systemd watchdog.
+
+    agent = Agent(config)            # connects at once; status `loading` while the model loads
+    agent.serve(backend, tokenizer, info)   # status `online`, requests taken
+    agent.wait()                     # until stop() (SIGTERM/SIGINT in the CLI)
+    agent.stop()                     # running requests get shutdown_grace_s, status `offline`
+"""
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from typing import Optional
+
+from agent.config import AgentConfig
+from agent.health import Tegrastats, memory, sd_notify, watchdog_interval
+from agent.mqtt_transport import MqttTransport
+from agent.server import AgentServer
+
+log = logging.getLogger("cpm-edge.agent")
+
+
+class Agent:
+    def __init__(self, config: AgentConfig, client_id: Optional[str] = None):
+        self.config = config.validate()
+        log.info("agent settings: %s", config.redacted())
+        self.transport = MqttTransport(config, client_id=client_id)
+        self.server: Optional[AgentServer] = None
+        self.stopped = threading.Event()
+        self.tegrastats = Tegrastats()
+        self._threads: list[threading.Thread] = []
+        self.transport.start()
+
+    def serve(self, backend, tokenizer, info: Optional[dict] = None) -> AgentServer:
+        info = dict(info or {})
+        self.server = AgentServer(backend, tokenizer, self.config, info)
+        self.server.start(self.transport)
+        status = {"max_batch": backend.max_batch, "max_seq": backend.max_seq, **_public(info)}
+        self.transport.serve(self.server.handle)      # subscribe first: `online` is published after the SUBACK
+        self.transport.set_state("online", **status)
+        self.tegrastats.start()
+        for target, name in ((self._telemetry, "cpm-telemetry"), (self._watchdog, "cpm-watchdog")):
+            t = threading.Thread(target=target, name=name, daemon=True)
+            t.start()
+            self._threads.append(t)
+        sd_notify("READY=1")
+        return self.server
+
+    def wait(self, timeout: Optional[float] = None) -> bool:
+        return self.stopped.wait(timeout)
+
+    def stop(self):
+        if self.stopped.is_set():
+            return
+        sd_notify("STOPPING=1")
+        self.stopped.set()
+        if self.server is not None:
+            if not self.server.stop():
+                log.error("the scheduler did not stop in time")
+        self.tegrastats.stop()
+        self.transport.stop()
+        for t in self._threads:
+            t.join(2)
+
+    # --- background loops (they wait on the stop event, never sleep-poll) ----------------------------
+    def _telemetry(self):
+        period = self.config.telemetry_s
+        if period <= 0:
+            return
+        last_tokens, last_time = 0, time.monotonic()
+        while not self.stopped.wait(period):
+            stats = self.server.stats()
+            now = time.monotonic()
+            rate = (stats["tokens"] - last_tokens) / max(now - last_time, 1e-9)
+            last_tokens, last_time = stats["tokens"], now
+            report = {"time": round(time.time(), 3), "tokens_per_s": round(rate, 2),
+                      "queue_depth": max(0, stats["outstanding"] - self.server.generator.active),
+                      "active": self.server.generator.active, "max_batch": self.server.backend.max_batch,
+                      "requests": {k: stats[k] for k in ("received", "accepted", "completed", "cancelled")},
+                      "errors": stats["errors"], "memory": memory(), "connects": self.transport.connects}
+            figures = self.tegrastats.figures()
+            if figures:
+                report["tegrastats"] = figures
+            self.transport.publish(self.transport.topics.telemetry, json.dumps(report).encode())
+
+    def _watchdog(self):
+        interval = watchdog_interval()
+        if interval is None:
+            return
+        while not self.stopped.wait(interval):
+            if time.monotonic() - self.server.heartbeat < 2 * interval:  # the scheduler is alive
+                sd_notify("WATCHDOG=1")
+            else:
+                log.error("scheduler stuck for %.0f s: not feeding the systemd watchdog",
+                          time.monotonic() - self.server.heartbeat)
+
+
+def _public(info: dict) -> dict:
+    """Bundle facts safe to publish in the retained status (short scalars only)."""
+    return {k: v for k, v in info.items() if isinstance(v, (str, int, float, bool)) and len(str(v)) <= 200}

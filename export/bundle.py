@@ -1,0 +1,200 @@
+"""Engine bundles: everything one device needs, checked by sha256.
+
+    cpm-edge engine --device orin [--model M] --out build/engines/orin
+
+export (trt flavor, the profile's dtype and context) -> compile kernels for the profile's SM -> build the
+engine when this machine can build for that device (TensorRT-RTX anywhere with its wheel; a Jetson engine only
+on a Jetson) -> bundle:
+
+    manifest.json       format, device, SM, TensorRT flavour/version, JetPack, model hash, plugin version,
+                        engine status, and the sha256 of every other file
+    engine.plan         (absent in a build-on-device bundle: `cpm-edge engine build --bundle DIR` makes it)
+    model.onnx, export.json, tokenizer files
+    kernels/sm_XY/      cubins + launch metadata, report.json
+    profile.yaml        the device profile it was made for
+    golden.json, golden_logits.npy   prompts -> greedy tokens and first-step logits from the torch model
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from export.checkpoint import AtomicDir, CheckpointError, load_config, load_model
+from export.profiles import DeviceProfile, load_profile, plan_for
+
+FORMAT_VERSION = 1
+GOLDEN_PROMPTS = ("The robot arm picks up", "Hello! How are you today?", "Sparse attention reads only")
+GOLDEN_TOKENS = 16
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def hf_cache_dirs() -> list[Path]:
+    if os.environ.get("HF_HUB_CACHE"):
+        return [Path(os.environ["HF_HUB_CACHE"])]
+    home = Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface"))
+    return [home / "hub"]
+
+
+def resolve_model(model: str) -> Path:
+    """A model folder, or a Hugging Face repo id found in the local Hugging Face cache (no download)."""
+    path = Path(model)
+    if path.is_dir():
+        return path
+    if model.count("/") == 1 and not path.exists():
+        for cache in hf_cache_dirs():
+            repo = cache / f"models--{model.replace('/', '--')}"
+            ref = repo / "refs" / "main"
+            if ref.exists():
+                snapshot = repo / "snapshots" / ref.read_text().strip()
+                if (snapshot / "config.json").exists():
+                    return snapshot
+        raise CheckpointError(
+            f"model {model!r} is not a folder and not in the Hugging Face cache ({hf_cache_dirs()[0]}): download "
+            f"it on a connected machine (huggingface-cli download {model}) or pass MODEL=path/to/folder")
+    raise CheckpointError(f"model {model!r}: folder not found")
+
+
+def can_build_here(profile: DeviceProfile) -> tuple[bool, str]:
+    """Whether this machine can build the profile's engine, and why not."""
+    import importlib.util
+
+    if profile.trt_flavour == "tensorrt-rtx":
+        if importlib.util.find_spec("tensorrt_rtx") is None:
+            return False, "TensorRT-RTX is not installed here (pip install tensorrt-rtx-cu13)"
+        return True, ""
+    from trt_plugins.engine_builder import local_gpu_sm
+
+    local_sm = local_gpu_sm()
+    if local_sm != profile.sm:
+        where = f"this machine's GPU is sm_{local_sm}" if local_sm else "this machine has no NVIDIA GPU"
+        return False, f"a {profile.description} engine is built on the device ({where})"
+    if importlib.util.find_spec("tensorrt") is None:
+        return False, "TensorRT is not installed here (it comes with JetPack)"
+    return True, ""
+
+
+def compile_kernels(target: str, model_dir: Path, out: Path, cache: Path):
+    """`cpm-edge kernels compile` in a process of its own (Triton's interpreter, which tests turn on, must
+    not be active while compiling); fails on spills not accepted in writing."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_CACHE_DIR", str(cache))
+    proc = subprocess.run([sys.executable, "-m", "cli.main", "kernels", "compile", "--target", target,
+                           "--model", str(model_dir), "--out", str(out)], capture_output=True, text=True, env=env,
+                          cwd=Path(__file__).resolve().parents[1])
+    if proc.returncode != 0:
+        raise CheckpointError(f"compiling the kernels for {target} failed: {proc.stderr.strip().splitlines()[-1]}")
+
+
+@dataclass
+class BundleOptions:
+    device: str
+    out: Path
+    model: str | None = None
+    overwrite: bool = False
+
+
+def golden_cases(model_dir: Path, config, out: Path, sparse: bool, encode):
+    """Greedy tokens and first-step logits of fixed prompts from the torch model (fp32), for test-device.
+    encode(text) -> token ids is the tokenizer the device will use (the caller's)."""
+    import torch
+
+    from export.transforms import use_sparse_attention
+
+    model = load_model(model_dir, torch.float32, config=config)
+    if sparse:
+        use_sparse_attention(model)
+    cases, first_logits = [], []
+    for prompt in GOLDEN_PROMPTS:
+        ids = encode(prompt)
+        model.setup_cache(1, len(ids) + GOLDEN_TOKENS)
+        tokens, step_ids, pos = [], ids, 0
+        with torch.inference_mode():
+            for i in range(GOLDEN_TOKENS):
+                logits = model(torch.tensor([step_ids]), torch.arange(pos, pos + len(step_ids))[None])[0, -1]
+                if i == 0:
+                    first_logits.append(logits.numpy())
+                pos += len(step_ids)
+                step_ids = [int(logits.argmax())]
+                tokens.append(step_ids[0])
+        cases.append({"prompt": prompt, "ids": ids, "greedy": tokens})
+    (out / "golden.json").write_text(json.dumps({"tokens": GOLDEN_TOKENS, "cases": cases}, indent=1))
+    np.save(out / "golden_logits.npy", np.stack(first_logits).astype(np.float32))
+
+
+def write_manifest(folder: Path, fields: dict):
+    files = {str(p.relative_to(folder)): sha256(p) for p in sorted(folder.rglob("*"))
+             if p.is_file() and p.name != "manifest.json"}
+    manifest = {"format_version": FORMAT_VERSION, **fields, "files": files}
+    tmp = folder / ".manifest.json.tmp"
+    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
+    os.replace(tmp, folder / "manifest.json")
+    return manifest
+
+
+def make_bundle(opts: BundleOptions, encoder_for, progress=lambda stage: None) -> dict:
+    """Export, compile, build (when possible) and write the bundle; returns its manifest.
+    encoder_for(model_dir) gives the text -> token ids function of the device's tokenizer."""
+    from export.onnx_export import ExportOptions, export
+    from trt_plugins.engine_builder import build_bundle_engine
+    from trt_plugins.names import PLUGIN_VERSION
+
+    profile = load_profile(opts.device)
+    model_name = opts.model or profile.default_model
+    model_dir = resolve_model(model_name)
+    config = load_config(model_dir)
+    encode = encoder_for(model_dir)
+    plan = plan_for(profile, config, model_name)  # refuse an impossible combination before any work
+    destination = AtomicDir(opts.out, overwrite=opts.overwrite)
+    destination.check()
+    buildable, why_not = can_build_here(profile)
+    if plan.sparse:
+        progress("warning: the TensorRT attention plugin has no InfLLM v2 selection kernel yet; this engine "
+                 "will refuse to run (set sparse: false in the profile for a dense engine)")
+    with destination as tmp:
+        progress(f"[1/5] export: trt flavor, {profile.dtype}, context {profile.max_context}, "
+                 f"sparse {'on' if plan.sparse else 'off'}")
+        export(ExportOptions(model_dir, tmp / "export", "trt", profile.dtype, profile.max_context,
+                             sparse=plan.sparse), progress)
+        for item in (tmp / "export").iterdir():
+            item.rename(tmp / item.name)
+        (tmp / "export").rmdir()
+        progress(f"[2/5] kernels for {profile.target}")
+        compile_kernels(profile.target, model_dir, tmp / "kernels", Path(opts.out).parent / ".triton-cache")
+        engine_info = {}
+        if buildable:
+            progress(f"[3/5] engine for {profile.description}")
+            engine_info = build_bundle_engine(tmp, profile.max_batch, profile.trt_flavour)
+        else:
+            progress(f"[3/5] engine: not built here ({why_not}); the device builds it on first start "
+                     f"(cpm-edge engine build --bundle DIR)")
+        progress("[4/5] golden cases from the torch model")
+        golden_cases(model_dir, config, tmp, plan.sparse, encode)
+        shutil.copy2(profile.path, tmp / "profile.yaml")
+        progress("[5/5] manifest (sha256 of every file)")
+        from export.onnx_export import model_hash
+        manifest = write_manifest(tmp, {
+            "device": profile.name, "sm": profile.sm, "trt_flavour": profile.trt_flavour,
+            "trt_min_version": profile.trt_min_version, "jetpack": profile.jetpack or None,
+            "model": model_name, "model_hash": model_hash(model_dir), "plugin_version": PLUGIN_VERSION,
+            "max_batch": plan.max_batch, "max_context": plan.max_context, "dtype": profile.dtype,
+            "sparse": plan.sparse, "kv_cache_bytes": plan.kv_bytes,
+            "engine": None, "engine_status": "build-on-device", "engine_note": why_not or None, **engine_info,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+    return manifest

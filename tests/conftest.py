@@ -19,6 +19,18 @@ def pytest_report_header(config):
     return [f"Triton kernels: {'interpreter on CPU' if os.environ.get('TRITON_INTERPRET') == '1' else 'CUDA'}"]
 
 
+@pytest.fixture
+def seed():
+    """Fresh random inputs every run; the seed is printed so a failure can be replayed."""
+    import random
+
+    s = random.randrange(2**31)
+    print(f"random seed {s}")
+    torch.manual_seed(s)
+    random.seed(s)
+    return s
+
+
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory):
     """Paths of the tiny dense, sparse and ternary folders, keyed by variant."""

@@ -22,15 +22,6 @@ ATOL_HALF = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 TINY = InfLLMv2Config(kernel_size=16, kernel_stride=8, block_size=32, window_size=64, topk=4, dense_len=1)
 
 
-@pytest.fixture
-def seed():
-    s = random.randrange(2**31)
-    print(f"random seed {s}")
-    torch.manual_seed(s)
-    random.seed(s)
-    return s
-
-
 def poison(monkeypatch):
     """Make torch.empty/empty_like hand the kernels NaN-filled memory."""
     real_empty, real_like = torch.empty, torch.empty_like

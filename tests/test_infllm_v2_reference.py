@@ -16,15 +16,6 @@ TINY = InfLLMv2Config(kernel_size=16, kernel_stride=8, init_blocks=1, block_size
                       dense_len=128)
 
 
-@pytest.fixture
-def seed():
-    s = random.randrange(2**31)
-    print(f"random seed {s}")
-    torch.manual_seed(s)
-    random.seed(s)
-    return s
-
-
 def test_visible_kernels_by_hand():
     t = torch.arange(0, 100)
     got = visible_kernels(t, TINY).tolist()

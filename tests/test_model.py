@@ -16,14 +16,6 @@ from export.tiny import write_tiny
 FP32_ATOL = 2e-4
 
 
-@pytest.fixture
-def seed():
-    s = random.randrange(2**31)
-    print(f"random seed {s}")
-    torch.manual_seed(s)
-    return s
-
-
 def full_logits(model: MiniCPM, ids: torch.Tensor) -> torch.Tensor:
     model.setup_cache(ids.shape[0], ids.shape[1])
     pos = torch.arange(ids.shape[1]).expand(ids.shape[0], -1)

@@ -18,15 +18,6 @@ ATOL_FP32 = 1e-4
 RTOL_HALF = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
 
-@pytest.fixture
-def seed():
-    s = random.randrange(2**31)
-    print(f"random seed {s}")
-    torch.manual_seed(s)
-    random.seed(s)
-    return s
-
-
 @pytest.mark.parametrize("group, expected", [("tensor", TernaryLayout("tensor", 320)),
                                              ("row", TernaryLayout("row", 320)),
                                              (64, TernaryLayout("group", 64)),

@@ -117,15 +117,6 @@ def _dtype_name(trt, dtype) -> str:
     return {trt.DataType.HALF: "fp16", trt.DataType.BF16: "bf16", trt.DataType.FLOAT: "fp32"}[dtype]
 
 
-def _strides(dims) -> list[int]:
-    """Element strides of a contiguous tensor with these dims."""
-    out, step = [], 1
-    for d in reversed(list(dims)):
-        out.append(step)
-        step *= d
-    return list(reversed(out))
-
-
 def build_plugin_classes(trt):
     """The plugin and creator classes for one TensorRT module (their bases come from it)."""
 
@@ -171,8 +162,7 @@ def build_plugin_classes(trt):
             pass
 
         def on_shape_change(self, inputs, outputs):
-            self.shapes = [list(d.dims) for d in inputs] + [list(d.dims) for d in outputs]
-            self.types = [d.type for d in inputs] + [d.type for d in outputs]
+            pass  # enqueue reads the shapes it needs from its tensor descriptions
 
         def attach_to_context(self, context):
             return self.clone()

@@ -132,11 +132,17 @@ def test_retained_status_will_and_telemetry(broker, run_agent):
     agent = run_agent(broker.url, telemetry_s=0.2)
     c, inbox = raw_client(broker.port, topics=["cpm/v1/dev1/status", "cpm/v1/dev1/telemetry"])
     seen = {}
-    while "status" not in seen or "telemetry" not in seen:
+    while seen.get("status", (None, {}))[1].get("state") != "online" or "telemetry" not in seen:
         m = inbox.get(timeout=10)
         seen[m.topic.rsplit("/", 1)[1]] = (m, json.loads(m.payload))
-    status_msg, status = seen["status"]
-    assert status_msg.retain and status["state"] == "online" and status["max_batch"] == 8
+    status = seen["status"][1]
+    assert status["max_batch"] == 8
+    # A status published while this client was already subscribed arrives live (retain flag clear); a client
+    # that subscribes now must get it as the retained message.
+    late, late_inbox = raw_client(broker.port, topics=["cpm/v1/dev1/status"])
+    retained = late_inbox.get(timeout=10)
+    assert retained.retain and json.loads(retained.payload)["state"] == "online"
+    late.loop_stop()
     tel = seen["telemetry"][1]
     assert {"tokens_per_s", "queue_depth", "memory", "requests"} <= set(tel) and tel["memory"]["rss_mb"] > 0
     agent.transport.client.socket().close()  # the connection dies without DISCONNECT: the broker sends the will

@@ -11,7 +11,7 @@ BUILD      ?= build
 TARGETS    ?= sm_87,sm_89,sm_90
 SETUP_STAMP := $(VENV)/.setup-$(shell echo "$(TORCH_SPEC) $(EXTRAS)" | cksum | cut -d' ' -f1)
 
-.PHONY: setup mosquitto test demo kernels engine flash test-device bench-kernels bench-agent clean help
+.PHONY: setup mosquitto test demo kernels engine flash test-device bench-kernels bench-agent bench-cpu clean help
 
 help:
 	@echo "make demo    tiny MiniCPM4 model -> streamed answer (CPU, no downloads of models)"
@@ -20,6 +20,7 @@ help:
 	@echo "make kernels compile the Triton kernels for TARGETS=$(TARGETS) into $(BUILD)/kernels (no GPU needed)"
 	@echo "make bench-kernels   sparse-attention / ternary savings (counted; timed on an NVIDIA GPU)"
 	@echo "make bench-agent     MQTT agent: requests/s and its own overhead on a loopback Mosquitto"
+	@echo "make bench-cpu       onnxruntime backend vs llama.cpp (same fp32 weights): decode tokens/s, peak memory"
 
 setup: mosquitto $(SETUP_STAMP)
 
@@ -44,6 +45,7 @@ test: setup
 
 # tiny model -> ONNX export -> agent on a loopback broker (Mosquitto, else the embedded one) -> `ask` streams.
 demo: setup
+	@echo "demo: a tiny MiniCPM4 with random weights, so the answer is gibberish; every step of the path is real"
 	$(CPM) tiny $(BUILD)/demo/tiny-dense --force
 	$(CPM) export $(BUILD)/demo/tiny-dense --out $(BUILD)/demo/export --max-seq 1024 --force
 	$(PY) -m agent.demo --bundle $(BUILD)/demo/export --prompt "Which block should the robot pick up?" \
@@ -74,6 +76,12 @@ bench-kernels: setup
 bench-agent: setup
 	$(PY) -m pip install -q matplotlib
 	$(PY) bench/agent.py
+
+# llama-cpp-python builds llama.cpp from source (a few minutes the first time); the tests in
+# tests/test_gguf.py run once it is installed.
+bench-cpu: setup
+	$(PY) -m pip install -q matplotlib gguf==0.19.0 llama-cpp-python==0.3.36
+	$(PY) bench/cpu.py
 
 clean:
 	rm -rf $(BUILD) .pytest_cache

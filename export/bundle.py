@@ -164,9 +164,6 @@ def make_bundle(opts: BundleOptions, encoder_for, progress=lambda stage: None) -
     destination = AtomicDir(opts.out, overwrite=opts.overwrite)
     destination.check()
     buildable, why_not = can_build_here(profile)
-    if plan.sparse:
-        progress("warning: the TensorRT attention plugin has no InfLLM v2 selection kernel yet; this engine "
-                 "will refuse to run (set sparse: false in the profile for a dense engine)")
     with destination as tmp:
         progress(f"[1/5] export: trt flavor, {profile.dtype}, context {profile.max_context}, "
                  f"sparse {'on' if plan.sparse else 'off'}")

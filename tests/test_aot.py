@@ -25,7 +25,8 @@ def test_compile_every_engine_kernel_for_orin(tmp_path, tiny_models):
     report = json.loads((out / "report.json").read_text())
     assert report["targets"] == ["sm_87"] and report["ptx_version"] == 85 and report["unaccepted_spills"] == []
     kinds = {k["kernel"] for k in report["kernels"]}
-    assert kinds == {"block_attention_kernel", "stage1_scores_kernel", "ternary_matmul_kernel", "cache_write_kernel"}
+    assert kinds == {"block_attention_kernel", "stage1_scores_kernel", "ternary_matmul_kernel", "cache_write_kernel",
+                     "compress_keys_kernel", "select_blocks_kernel"}
     for k in report["kernels"]:
         ptx = (out / "sm_87" / f"{k['config']}.ptx").read_text()
         assert ".version 8.5" in ptx and ".target sm_87" in ptx and f".entry {k['entry']}" in ptx

@@ -88,3 +88,28 @@ def test_plugin_launches_match_compiled_kernels(compiled_sm87, monkeypatch):
     ternary.enqueue([desc((1, 1, 4096), half), desc((1024, 1024), trt.DataType.INT8), desc((1024, 1), trt.DataType.FLOAT)],
                     [], [1, 2, 3], [4], 0, 0)
     assert fake.launches[-1] == ("ternary_matmul_kernel_fp16_group0_block_m16_block_n64", (16, 1))
+
+
+def test_sparse_plugin_launches_the_whole_selection(compiled_sm87, monkeypatch):
+    """A long prefill of an InfLLM v2 layer: compression once, then per chunk of 256 tokens stage 1,
+    selection and block-sparse attention, every launch matching a compiled kernel's arguments."""
+    from trt_plugins import names
+    from trt_plugins import tensorrt_plugins as tp
+    from trt_plugins.attention.config import InfLLMv2Config
+
+    fake = FakeLibrary(compiled_sm87)
+    monkeypatch.setattr(tp, "kernel_library", lambda: fake)
+    attention_cls = tp.build_plugin_classes(trt)[0].PLUGIN
+    plugin = attention_cls(names.attention_attrs(16, 2, 64, InfLLMv2Config()))
+    desc = lambda dims, dtype: SimpleNamespace(dims=dims, type=dtype)  # noqa: E731
+    half, i64 = trt.DataType.HALF, trt.DataType.INT64
+    T, S = 600, 16384
+    plugin.enqueue([desc((1, T, 16 * 64), half), desc((1, T, 2 * 64), half), desc((1, T, 2 * 64), half),
+                    desc((1, 2, S, 64), half), desc((1, 2, S, 64), half), desc((1, T), i64)],
+                   [], [1, 2, 3, 4, 5, 6], [7, 4, 5], 1 << 20, 0)
+    kinds = [c.rsplit("_kernel", 1)[0] for c, _ in fake.launches]
+    assert kinds == ["cache_write"] * 2 + ["compress_keys"] + ["stage1_scores", "select_blocks", "block_attention"] * 3
+    assert fake.launches[4][0] == "select_blocks_kernel_fp32_ratio4_nb_pad256"  # 16384 / 64 blocks
+    assert [grid for c, grid in fake.launches if c.startswith("block_attention")] == [(256, 2), (256, 2), (88, 2)]
+    ws = tp.sparse_buffers(InfLLMv2Config(), 1, 2, S, 64)
+    assert ws[0] == 2 * 1023 * 64 * 4 and all(size % 256 == 0 for size in ws)

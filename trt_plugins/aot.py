@@ -30,6 +30,8 @@ ATTENTION_SHAPES = [
 ]
 DTYPES = ("fp16", "bf16")
 TERNARY_GROUPS = (0, 32, 64, 128)  # 0: one scale per row (or per tensor)
+SPARSE_RATIO = 4                   # block_size / kernel_stride of the published (and the tiny) sparse_config
+SELECT_WIDTHS = tuple(2**i for i in range(4, 13))  # score rows of 16 .. 4096 blocks (contexts up to 256K)
 
 
 @dataclass(frozen=True)
@@ -69,6 +71,7 @@ def parse_targets(text: str) -> list[Target]:
 def engine_configs(shapes=ATTENTION_SHAPES, dtypes=DTYPES) -> list[KernelConfig]:
     """Every configuration the engines launch."""
     from trt_plugins.attention.kernels import STAGE1_BLOCK_J, STAGE1_WARPS, attention_warps, group_pad
+    from trt_plugins.attention.selection import COMPRESS_BLOCK_J, SELECT_WARPS
     from trt_plugins.ternary.kernels import CONFIGS as TERNARY_LAUNCHES
 
     configs: list[KernelConfig] = []
@@ -88,6 +91,12 @@ def engine_configs(shapes=ATTENTION_SHAPES, dtypes=DTYPES) -> list[KernelConfig]
     for dtype in dtypes:
         for head_dim in sorted({shape[1] for shape in shapes}):
             configs.append(KernelConfig("cache_write_kernel", "attention", dtype, (("HEAD_DIM", head_dim),), 1))
+            configs.append(KernelConfig("compress_keys_kernel", "selection", dtype,
+                                        (("HEAD_DIM", head_dim), ("BLOCK_J", COMPRESS_BLOCK_J))))
+    for ratio in sorted({SPARSE_RATIO}):
+        for nb_pad in SELECT_WIDTHS:
+            configs.append(KernelConfig("select_blocks_kernel", "selection", "fp32",
+                                        (("RATIO", ratio), ("NB_PAD", nb_pad)), SELECT_WARPS))
     for dtype in dtypes:
         for group in TERNARY_GROUPS:
             for block_m, block_n, warps in TERNARY_LAUNCHES:
@@ -122,6 +131,20 @@ SIGNATURES = {
         ("stride_nb", "i32"), ("stride_nt", "i32"), ("stride_nh", "i32"), ("stride_nd", "1"),
         ("stride_cb", "i32"), ("stride_ch", "i32"), ("stride_cs", "i32"), ("stride_cd", "1"),
         ("stride_pb", "i32"), ("stride_pt", "1"), ("n_kv_heads", "i32")],
+    "compress_keys_kernel": [
+        ("K", "*T"), ("KC", "*fp32"),
+        ("stride_kb", "i32"), ("stride_kh", "i32"), ("stride_ks", "i32"), ("stride_kd", "1"),
+        ("stride_cb", "i32"), ("stride_ch", "i32"), ("stride_cj", "i32"), ("stride_cd", "1"),
+        ("n_kv_heads", "i32"), ("n_kernels", "i32"), ("kernel_size", "i32"), ("kernel_stride", "i32")],
+    "select_blocks_kernel": [
+        ("S", "*fp32"), ("POS", "*i64"), ("IDX", "*i32"), ("CNT", "*i32"),
+        ("stride_sb", "i32"), ("stride_sh", "i32"), ("stride_st", "i32"), ("stride_sj", "1"),
+        ("stride_pb", "i32"), ("stride_pt", "1"),
+        ("stride_ib", "i32"), ("stride_ih", "i32"), ("stride_it", "i32"), ("stride_ii", "1"),
+        ("stride_cb", "i32"), ("stride_ch", "i32"), ("stride_ct", "1"),
+        ("n_kv_heads", "i32"), ("n_kernels", "i32"), ("n_tokens", "i32"), ("n_blocks", "i32"),
+        ("block_size", "i32"), ("init_blocks", "i32"), ("window_blocks", "i32"), ("n_pick", "i32"),
+        ("dense_len", "i32")],
     "ternary_matmul_kernel": [
         ("X", "*T"), ("P", "*u8"), ("S", "*fp32"), ("Y", "*T"), ("M", "i32"), ("N", "i32"), ("K", "i32"),
         ("n_tiles", "i32"),
@@ -137,6 +160,8 @@ def _kernel_fn(cfg: KernelConfig):
         raise RuntimeError("TRITON_INTERPRET=1 is set: run the AOT compiler in a process without it")
     if cfg.module == "attention":
         from trt_plugins.attention import kernels
+    elif cfg.module == "selection":
+        from trt_plugins.attention import selection as kernels
     else:
         from trt_plugins.ternary import kernels
     return getattr(kernels, cfg.kernel)

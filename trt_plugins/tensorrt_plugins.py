@@ -113,6 +113,23 @@ def kernel_library() -> KernelLibrary:
     return _LIBRARIES.setdefault(str(folder), KernelLibrary(folder))
 
 
+SPARSE_CHUNK = 256  # tokens per stage-1/selection pass: bounds the workspace of a long prefill
+
+
+def nb_pad(n_blocks: int) -> int:
+    """The compiled width of a selection row (selection.nb_pad, without importing Triton)."""
+    return max(16, 1 << (n_blocks - 1).bit_length())
+
+
+def sparse_buffers(cfg, B: int, Hkv: int, S: int, D: int) -> tuple[int, int, int, int]:
+    """Workspace bytes for InfLLM v2: compressed keys, stage-1 scores, block lists, counts (256-aligned)."""
+    n_kernels = max(0, (S - cfg.kernel_size) // cfg.kernel_stride + 1)
+    n_blocks = -(-S // cfg.block_size)
+    sizes = (B * Hkv * n_kernels * D * 4, B * Hkv * SPARSE_CHUNK * n_kernels * 4,
+             B * Hkv * SPARSE_CHUNK * n_blocks * 4, B * Hkv * SPARSE_CHUNK * 4)
+    return tuple(-(-size // 256) * 256 for size in sizes)
+
+
 def _dtype_name(trt, dtype) -> str:
     return {trt.DataType.HALF: "fp16", trt.DataType.BF16: "bf16", trt.DataType.FLOAT: "fp32"}[dtype]
 
@@ -205,31 +222,73 @@ def build_plugin_classes(trt):
                 return desc.type in (trt.DataType.HALF, trt.DataType.BF16)
             return desc.type == in_out[0].desc.type  # q, k, v, caches and outputs share one dtype
 
+        def get_workspace_size(self, inputs, outputs):
+            if self.sparse is None:
+                return 0
+            B, Hkv, S, D = inputs[3].max
+            return sum(sparse_buffers(self.sparse, B, Hkv, S, D))
+
         def enqueue(self, input_desc, output_desc, inputs, outputs, workspace, stream):
-            if self.sparse is not None:
-                raise RuntimeError("CpmAttention: the InfLLM v2 selection kernel for TensorRT is not built yet; "
-                                   "build this model's engine without sparse attention (profile sparse: false)")
             lib = kernel_library()
             B, T, HD = input_desc[0].dims
             _, Hkv, S, D = input_desc[3].dims
             H = HD // D
+            group = H // Hkv
             dtype = _dtype_name(trt, input_desc[0].type)
-            q, k, v, k_cache, v_cache, positions = (np.uintp(p) for p in inputs)
-            i32 = np.int32
+            q, k, v, k_cache, v_cache, positions = (int(p) for p in inputs)
+            out = int(outputs[0])
+            i32, ptr = np.int32, np.uintp
             new_strides = [T * Hkv * D, Hkv * D, D]             # k, v (B, T, Hkv, D)
             cache_strides = [Hkv * S * D, S * D, D]              # caches (B, Hkv, S, D)
             seq_strides = [T * H * D, D, H * D]                  # q and out (B, T, H*D) as (B, H, T, D)
+            scale = np.float32(1.0 / np.sqrt(D))
             for new, cache in ((k, k_cache), (v, v_cache)):     # in place: outputs 1, 2 alias inputs 3, 4
                 lib.launch(f"cache_write_kernel_{dtype}_head_dim{D}", (T, B * Hkv),
-                           [new, cache, positions, *map(i32, new_strides), *map(i32, cache_strides),
-                            i32(T), i32(Hkv)], stream)
-            config = lib.find(f"block_attention_kernel_{dtype}_group{H // Hkv}_head_dim{D}_block_n", "_dense1")
-            lib.launch(config, (T, B * Hkv),
-                       [q, k_cache, v_cache, np.uintp(outputs[0]), positions, np.uintp(0), np.uintp(0),
-                        *map(i32, seq_strides), *map(i32, cache_strides), *map(i32, cache_strides),
-                        *map(i32, seq_strides), i32(T),          # positions (B, T)
-                        i32(0), i32(0), i32(0), i32(0), i32(0),   # block list and counts: unused when dense
-                        i32(Hkv), np.float32(1.0 / np.sqrt(D))], stream)
+                           [ptr(new), ptr(cache), ptr(positions), *map(i32, new_strides),
+                            *map(i32, cache_strides), i32(T), i32(Hkv)], stream)
+            if self.sparse is None:
+                config = lib.find(f"block_attention_kernel_{dtype}_group{group}_head_dim{D}_block_n", "_dense1")
+                lib.launch(config, (T, B * Hkv),
+                           [ptr(q), ptr(k_cache), ptr(v_cache), ptr(out), ptr(positions), ptr(0), ptr(0),
+                            *map(i32, seq_strides), *map(i32, cache_strides), *map(i32, cache_strides),
+                            *map(i32, seq_strides), i32(T),          # positions (B, T)
+                            i32(0), i32(0), i32(0), i32(0), i32(0),   # block list and counts: unused when dense
+                            i32(Hkv), scale], stream)
+                return
+            # InfLLM v2: compressed keys, then per chunk of tokens stage-1 scores, selection, block attention.
+            cfg = self.sparse
+            n_kernels = max(0, (S - cfg.kernel_size) // cfg.kernel_stride + 1)
+            n_blocks = -(-S // cfg.block_size)
+            kc_bytes, score_bytes, idx_bytes, _ = sparse_buffers(cfg, B, Hkv, S, D)
+            kc, scores = int(workspace), int(workspace) + kc_bytes
+            idx, cnt = scores + score_bytes, scores + score_bytes + idx_bytes
+            kc_strides = [Hkv * n_kernels * D, n_kernels * D, D]
+            lib.launch(f"compress_keys_kernel_{dtype}_head_dim{D}_block_j16", (-(-n_kernels // 16), B * Hkv),
+                       [ptr(k_cache), ptr(kc), *map(i32, cache_strides), *map(i32, kc_strides), i32(Hkv),
+                        i32(n_kernels), i32(cfg.kernel_size), i32(cfg.kernel_stride)], stream)
+            stage1 = lib.find(f"stage1_scores_kernel_{dtype}_group{group}_head_dim{D}_block_j", "")
+            attend = f"block_attention_kernel_{dtype}_group{group}_head_dim{D}_block_n{cfg.block_size}_dense0"
+            select = f"select_blocks_kernel_fp32_ratio{cfg.block_size // cfg.kernel_stride}_nb_pad{nb_pad(n_blocks)}"
+            for t0 in range(0, T, SPARSE_CHUNK):
+                n = min(SPARSE_CHUNK, T - t0)
+                q_t, out_t, pos_t = q + t0 * H * D * 2, out + t0 * H * D * 2, positions + t0 * 8
+                score_strides = [Hkv * n * n_kernels, n * n_kernels, n_kernels]
+                idx_strides = [Hkv * n * n_blocks, n * n_blocks, n_blocks]
+                cnt_strides = [Hkv * n, n]
+                lib.launch(stage1, (n, B * Hkv),
+                           [ptr(q_t), ptr(kc), ptr(pos_t), ptr(scores), *map(i32, seq_strides), *map(i32, kc_strides),
+                            i32(T), *map(i32, score_strides), i32(Hkv), i32(n_kernels), i32(cfg.kernel_size),
+                            i32(cfg.kernel_stride), scale], stream)
+                lib.launch(select, (n, B * Hkv),
+                           [ptr(scores), ptr(pos_t), ptr(idx), ptr(cnt), *map(i32, score_strides), i32(T),
+                            *map(i32, idx_strides), *map(i32, cnt_strides), i32(Hkv), i32(n_kernels), i32(T - t0),
+                            i32(n_blocks), i32(cfg.block_size), i32(cfg.init_blocks), i32(cfg.window_blocks),
+                            i32(cfg.topk - cfg.init_blocks), i32(cfg.dense_len)], stream)
+                lib.launch(attend, (n, B * Hkv),
+                           [ptr(q_t), ptr(k_cache), ptr(v_cache), ptr(out_t), ptr(pos_t), ptr(idx), ptr(cnt),
+                            *map(i32, seq_strides), *map(i32, cache_strides), *map(i32, cache_strides),
+                            *map(i32, seq_strides), i32(T), *map(i32, idx_strides), *map(i32, cnt_strides),
+                            i32(Hkv), scale], stream)
 
     class TernaryGemmPlugin(Plugin):
         """CpmTernaryGemm: inputs x (..., K), packed int8 (N, K_pad/4), scales fp32 (N, G); output (..., N)."""

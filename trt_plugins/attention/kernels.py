@@ -6,9 +6,8 @@ serve the whole group — the point of InfLLM v2's shared selection. Dense atten
 visiting every block up to the query's own (DENSE=True): the engine uses it for short contexts and for
 models without sparse_config.
 
-Block pooling and top-k stay in torch (reference.block_scores / select_blocks): they work on at most a few
-thousand block scores per token, which torch.sort handles in one launch, and the tie rule (lower block index
-first) is then the reference's by construction rather than re-implemented.
+Key compression, block pooling and top-k (with the reference's tie rule, lower block index first) are
+Triton kernels too, in selection.py, so the TensorRT plugin runs the whole of InfLLM v2 without torch.
 
 Runs on CUDA, or on CPU tensors with TRITON_INTERPRET=1 (the tests).
 """
@@ -21,8 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from trt_plugins.attention.reference import (InfLLMv2Config, block_scores, compress_keys, dense_rows,
-                                             select_blocks)
+from trt_plugins.attention.reference import InfLLMv2Config, dense_rows
 
 MIN_DOT = 16  # tl.dot needs M, N, K >= 16
 # Kernels scored per stage-1 iteration: 64 needs 255 registers and spills at head_dim 128 on sm_87; 32 does
@@ -213,28 +211,33 @@ def stage1_scores(q: torch.Tensor, kc: torch.Tensor, q_pos: torch.Tensor, cfg: I
 
 
 def block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor,
-                    block_size: int, block_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Attention over the blocks of block_mask (B, Hkv, T, NB), or dense causal attention when None."""
+                    block_size: int, block_mask: torch.Tensor | None = None,
+                    block_list: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """Attention over the selected blocks — a mask (B, Hkv, T, NB) or a list (indices ascending, counts) as
+    selection.select_blocks makes it — or dense causal attention when neither is given."""
     _check(q, k, v, q_pos)
     B, H, T, D = q.shape
     Hkv = k.shape[1]
     out = torch.empty_like(q)
     pos = q_pos.to(torch.int64).contiguous()  # int64, as the ONNX graph carries them
-    if block_mask is None:
-        idx = cnt = torch.zeros(1, 1, 1, 1, dtype=torch.int32, device=q.device)
-        cnt = cnt[..., 0]
-    else:
+    dense = block_mask is None and block_list is None
+    if block_list is not None:
+        idx, cnt = block_list
+    elif block_mask is not None:
         NB = block_mask.shape[-1]
         cnt = block_mask.sum(-1, dtype=torch.int32)  # (B, Hkv, T)
         width = max(int(cnt.max()), 1)
         order = torch.where(block_mask, torch.arange(NB, device=q.device), NB)
         idx = torch.sort(order, dim=-1).values[..., :width].to(torch.int32).contiguous()  # ascending blocks
+    else:
+        idx = torch.zeros(1, 1, 1, 1, dtype=torch.int32, device=q.device)
+        cnt = idx[..., 0]
     block_attention_kernel[(T, B * Hkv)](
         q, k, v, out, pos, idx, cnt,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *pos.stride(), *idx.stride(), *cnt.stride(),
         Hkv, 1.0 / math.sqrt(D),
         GROUP=H // Hkv, GROUP_PAD=group_pad(H // Hkv), HEAD_DIM=D, BLOCK_N=block_size,
-        DENSE=block_mask is None, UPCAST=UPCAST_DOTS, num_warps=attention_warps(D))
+        DENSE=dense, UPCAST=UPCAST_DOTS, num_warps=attention_warps(D))
     return out
 
 
@@ -245,17 +248,13 @@ def dense_attention(q, k, v, q_pos, block_size: int = 64):
 
 def infllm_v2_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor,
                         cfg: InfLLMv2Config) -> torch.Tensor:
-    """reference.infllm_v2_attention_ref with the Triton kernels doing the heavy parts."""
+    """reference.infllm_v2_attention_ref, every step a Triton kernel (as the TensorRT plugin runs it)."""
+    from trt_plugins.attention import selection
+
     _check(q, k, v, q_pos)
-    dense = dense_rows(q_pos, cfg)
-    if bool(dense.all()):
+    if bool(dense_rows(q_pos, cfg).all()):
         return block_attention(q, k, v, q_pos, cfg.block_size)
     n_blocks = -(-k.shape[2] // cfg.block_size)
-    kc = compress_keys(k, cfg)
-    scores = stage1_scores(q, kc, q_pos, cfg)
-    mask = select_blocks(block_scores(scores, n_blocks, cfg), q_pos, cfg)
-    own_block = torch.div(q_pos, cfg.block_size, rounding_mode="floor")[:, None, :, None]  # (B, 1, T, 1)
-    causal = torch.arange(n_blocks, device=q.device) <= own_block
-    mask = mask | (dense[:, None, None, None] & causal)
-    return block_attention(q, k, v, q_pos, cfg.block_size, mask)
-
+    scores = stage1_scores(q, selection.compress_keys(k, cfg), q_pos, cfg)
+    block_list = selection.select_blocks(scores, q_pos, cfg, n_blocks)
+    return block_attention(q, k, v, q_pos, cfg.block_size, block_list=block_list)

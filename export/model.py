@@ -207,18 +207,24 @@ def rope_table(config: MiniCPMConfig, max_seq: int, device=None) -> tuple[torch.
     d = config.head_dim
     inv_freq = 1.0 / config.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float32, device=device) / d)
     factor = torch.ones_like(inv_freq)
-    scale = 1.0
+    scale = longrope_scale(config)
     rs = config.rope_scaling
     if rs is not None:
         use_long = max(config.max_position_embeddings, max_seq) > rs.original_max
         factor = torch.tensor(rs.long_factor if use_long else rs.short_factor, dtype=torch.float32,
                               device=device)
-        if config.max_position_embeddings > rs.original_max:
-            ratio = config.max_position_embeddings / rs.original_max
-            scale = math.sqrt(1 + math.log(ratio) / math.log(rs.original_max))
     t = torch.arange(max_seq, dtype=torch.float32, device=device)
     freqs = torch.outer(t, 1.0 / factor) * inv_freq  # (S, D/2); this rounding order matches upstream
     return freqs.cos() * scale, freqs.sin() * scale
+
+
+def longrope_scale(config: MiniCPMConfig) -> float:
+    """The factor on cos and sin when the context was extended: sqrt(1 + ln(max_pos / orig) / ln(orig))."""
+    rs = config.rope_scaling
+    if rs is None or config.max_position_embeddings <= rs.original_max:
+        return 1.0
+    ratio = config.max_position_embeddings / rs.original_max
+    return math.sqrt(1 + math.log(ratio) / math.log(rs.original_max))
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

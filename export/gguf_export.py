@@ -1,0 +1,230 @@
+"""Write a Hugging Face MiniCPM4 folder as a GGUF file for llama.cpp's `minicpm` architecture.
+
+Only the `gguf` package (pip install gguf) and the kit's own checkpoint reader are used. What llama.cpp's
+minicpm graph computes, and what this file writes for it (facts read from llama.cpp's src/models/minicpm.cpp,
+granite.cpp, llama-model.cpp, llama-context.cpp, ggml-cpu rope):
+  embedding   embed(ids) * minicpm.embedding_scale                     <- scale_emb
+  residual    h + f(x) * minicpm.residual_scale                         <- scale_depth / sqrt(num_layers)
+  logits      lm_head(norm(h)) / minicpm.logit_scale                    <- hidden_size / dim_model_base
+  RoPE        "normal" mode: rotates adjacent pairs (2i, 2i+1), so the q/k projections' rows are permuted from
+              the Hugging Face rotate-half layout (i, i + d/2); theta_i = pos * base^(-2i/d) / factor_i, and
+              cos/sin times rope.scaling.attn_factor
+  LongRoPE    rope_factors_long.weight / rope_factors_short.weight; long when the context (n_ctx per sequence)
+              > rope.scaling.original_context_length (llama.cpp defaults that key to context_length, so it is
+              always written here)
+  lm_head     output.weight; absent when tied: llama.cpp then uses token_embd.weight
+Two differences from the kit's model (export/model.py) are resolved here so that llama.cpp computes ours:
+  * cos/sin scale sqrt(1 + ln(max_pos / original) / ln(original)): llama.cpp's longrope path applies only
+    rope.scaling.attn_factor (its yarn mscale is off for longrope), so the scale is written there.
+  * factor choice: ours is long when max(max_position_embeddings, capacity) > original; llama.cpp looks at
+    the capacity only. When max_position_embeddings > original the kit always uses the long factors, so both
+    factor tensors get the long list.
+The tokenizer section is a llama-style (SentencePiece) vocabulary built from tokenizer.json: every token,
+byte tokens typed BYTE, specials CONTROL, ids the model has but the tokenizer lacks padded as UNUSED. It is
+enough for llama.cpp to load the model and detokenize; scores are -id (merge order), not the real
+SentencePiece scores, so llama.cpp's own tokenization of text may differ from ours: feed token ids.
+
+    python -m export.gguf_export MODEL_DIR OUT.gguf [--dtype f32|f16]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from export.checkpoint import CheckpointError, load_config, read_json, weight_files
+from export.model import MiniCPMConfig, longrope_scale
+
+ARCH = "minicpm"
+DTYPES = ("f32", "f16")
+# HF tensor name (after "model.layers.{i}.") -> llama.cpp tensor name (after "blk.{i}.")
+LAYER_TENSORS = {
+    "input_layernorm.weight": "attn_norm.weight",
+    "self_attn.q_proj.weight": "attn_q.weight",
+    "self_attn.k_proj.weight": "attn_k.weight",
+    "self_attn.v_proj.weight": "attn_v.weight",
+    "self_attn.o_proj.weight": "attn_output.weight",
+    "post_attention_layernorm.weight": "ffn_norm.weight",
+    "mlp.gate_proj.weight": "ffn_gate.weight",
+    "mlp.up_proj.weight": "ffn_up.weight",
+    "mlp.down_proj.weight": "ffn_down.weight",
+}
+GLOBAL_TENSORS = {
+    "model.embed_tokens.weight": "token_embd.weight",
+    "model.norm.weight": "output_norm.weight",
+    "lm_head.weight": "output.weight",
+}
+# llama.cpp token types (gguf.TokenType)
+NORMAL, UNKNOWN, CONTROL, UNUSED, BYTE = 1, 2, 3, 5, 6
+
+
+def rope_pairs_from_halves(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """Reorder the output rows of a q/k projection, per head, from rotate-half to adjacent pairs.
+
+    w: (n_heads * D, in). Row i and row i + D/2 of a head form one rotation pair in the Hugging Face layout;
+    llama.cpp's normal RoPE rotates rows 2i and 2i + 1. New row 2i + s is old row s * D/2 + i.
+    """
+    out_f, in_f = w.shape
+    d = out_f // n_heads
+    return w.reshape(n_heads, 2, d // 2, in_f).swapaxes(1, 2).reshape(out_f, in_f)
+
+
+def rope_settings(c: MiniCPMConfig) -> dict:
+    """What the GGUF says about RoPE so that llama.cpp computes export/model.py's rope_table."""
+    rs = c.rope_scaling
+    if rs is None:
+        return {}
+    always_long = c.max_position_embeddings > rs.original_max
+    return {"long": rs.long_factor, "short": rs.long_factor if always_long else rs.short_factor,
+            "original_max": rs.original_max, "attn_factor": longrope_scale(c)}
+
+
+def vocabulary(model_dir: Path, vocab_size: int) -> tuple[list[str], list[float], list[int], dict]:
+    """tokens, scores, types (each of length vocab_size) and tokenizer facts from tokenizer.json."""
+    tok_path = model_dir / "tokenizer.json"
+    data = read_json(tok_path)
+    model = data.get("model") or {}
+    vocab = model.get("vocab")
+    if not isinstance(vocab, dict):
+        raise CheckpointError(f"{tok_path}: key 'model.vocab' is missing (expected a BPE/SentencePiece vocab)")
+    by_id: dict[int, str] = {i: t for t, i in vocab.items()}
+    special: set[int] = set()
+    for t in data.get("added_tokens") or []:
+        by_id[t["id"]] = t["content"]
+        if t.get("special"):
+            special.add(t["id"])
+    too_big = [i for i in by_id if i >= vocab_size]
+    if too_big:
+        raise CheckpointError(f"{tok_path}: token id {max(too_big)} is outside the model's vocab_size {vocab_size}")
+    tokens, scores, types = [], [], []
+    for i in range(vocab_size):
+        text = by_id.get(i)
+        if text is None:
+            tokens.append(f"[PAD{i}]")
+            types.append(UNUSED)
+        else:
+            tokens.append(text)
+            if i in special:
+                types.append(UNKNOWN if text == model.get("unk_token") else CONTROL)
+            elif len(text) == 6 and text.startswith("<0x") and text.endswith(">"):
+                types.append(BYTE)
+            else:
+                types.append(NORMAL)
+        scores.append(-float(i))
+    if len(set(tokens)) != len(tokens):
+        raise CheckpointError(f"{tok_path}: duplicate token strings (llama.cpp needs them unique)")
+    ids = {t: i for i, t in enumerate(tokens)}
+    facts = {"unk": ids.get(model.get("unk_token") or "<unk>"),
+             "add_space_prefix": "Prepend" in json.dumps(data.get("normalizer") or data.get("pre_tokenizer"))}
+    return tokens, scores, types, facts
+
+
+def write_gguf(model_dir: str | Path, out: str | Path, dtype: str = "f32") -> Path:
+    """Write model_dir as a GGUF at `out` (f32, or f16 matrices with f32 norms and factors)."""
+    import gguf
+
+    if dtype not in DTYPES:
+        raise CheckpointError(f"--dtype: {dtype!r} is not one of {', '.join(DTYPES)}")
+    model_dir, out = Path(model_dir), Path(out)
+    c = load_config(model_dir)
+    if c.sparse is not None:
+        print(f"gguf: {model_dir} has a sparse_config; llama.cpp has no InfLLM v2, it will attend densely",
+              file=sys.stderr)
+    files = weight_files(model_dir)
+    tok_config_path = model_dir / "tokenizer_config.json"
+    tok_config = read_json(tok_config_path) if tok_config_path.exists() else {}
+    tokens, scores, types, facts = vocabulary(model_dir, c.vocab_size)
+
+    w = gguf.GGUFWriter(str(out), ARCH)
+    w.add_name(Path(model_dir).resolve().name)
+    w.add_context_length(c.max_position_embeddings)
+    w.add_embedding_length(c.hidden_size)
+    w.add_block_count(c.num_hidden_layers)
+    w.add_feed_forward_length(c.intermediate_size)
+    w.add_head_count(c.num_attention_heads)
+    w.add_head_count_kv(c.num_key_value_heads)
+    w.add_rope_dimension_count(c.head_dim)
+    w.add_layer_norm_rms_eps(c.rms_norm_eps)
+    w.add_rope_freq_base(c.rope_theta)
+    w.add_vocab_size(c.vocab_size)
+    w.add_embedding_scale(c.scale_emb)
+    w.add_residual_scale(c.residual_scale)
+    w.add_logit_scale(c.logit_divisor)
+    w.add_file_type(gguf.LlamaFileType.ALL_F32 if dtype == "f32" else gguf.LlamaFileType.MOSTLY_F16)
+    rope = rope_settings(c)
+    if rope:
+        w.add_rope_scaling_type(gguf.RopeScalingType.LONGROPE)
+        w.add_rope_scaling_orig_ctx_len(rope["original_max"])
+        w.add_rope_scaling_attn_factors(rope["attn_factor"])
+
+    w.add_tokenizer_model("llama")
+    w.add_token_list(tokens)
+    w.add_token_scores(scores)
+    w.add_token_types(types)
+    w.add_bos_token_id(c.bos_token_id)
+    w.add_eos_token_id(c.eos_token_ids[-1])  # the chat end (<|im_end|>) when listed; llama.cpp also stops on eog
+    if facts["unk"] is not None:
+        w.add_unk_token_id(facts["unk"])
+    w.add_add_bos_token(bool(tok_config.get("add_bos_token", True)))
+    w.add_add_eos_token(bool(tok_config.get("add_eos_token", False)))
+    w.add_add_space_prefix(facts["add_space_prefix"])
+    if isinstance(tok_config.get("chat_template"), str):
+        w.add_chat_template(tok_config["chat_template"])
+
+    def add(name: str, t: torch.Tensor, permute_heads: int = 0):
+        a = t.to(torch.float32).numpy()
+        if permute_heads:
+            a = rope_pairs_from_halves(a, permute_heads)
+        if dtype == "f16" and a.ndim == 2:
+            a = a.astype(np.float16)
+        w.add_tensor(name, np.ascontiguousarray(a))
+
+    if rope:
+        w.add_tensor("rope_factors_long.weight", np.asarray(rope["long"], dtype=np.float32))
+        w.add_tensor("rope_factors_short.weight", np.asarray(rope["short"], dtype=np.float32))
+    from safetensors import safe_open
+    wanted = dict(GLOBAL_TENSORS)
+    if c.tie_word_embeddings:
+        wanted.pop("lm_head.weight")
+    for i in range(c.num_hidden_layers):
+        for hf, ours in LAYER_TENSORS.items():
+            wanted[f"model.layers.{i}.{hf}"] = f"blk.{i}.{ours}"
+    missing = [n for n in wanted if n not in files]
+    if missing:
+        raise CheckpointError(f"{model_dir}: tensor '{missing[0]}' is missing ({len(missing)} missing in all)")
+    for hf, ours in wanted.items():  # the writer holds every array until write_tensors_to_file
+        with safe_open(str(files[hf]), framework="pt") as f:
+            t = f.get_tensor(hf)
+        heads = (c.num_attention_heads if hf.endswith("q_proj.weight")
+                 else c.num_key_value_heads if hf.endswith("k_proj.weight") else 0)
+        add(ours, t, heads)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m export.gguf_export", description=__doc__.splitlines()[0])
+    p.add_argument("model_dir")
+    p.add_argument("out", help="the .gguf file to write")
+    p.add_argument("--dtype", choices=DTYPES, default="f32",
+                   help="f32, or f16 matrices (norms and RoPE factors stay f32)")
+    args = p.parse_args(argv)
+    try:
+        write_gguf(args.model_dir, args.out, args.dtype)
+    except CheckpointError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -111,13 +111,18 @@ class BundleOptions:
 
 
 def golden_cases(model_dir: Path, config, out: Path, sparse: bool, encode):
-    """Greedy tokens and first-step logits of fixed prompts from the torch model (fp32), for test-device.
+    """Greedy tokens and first-step logits of fixed prompts from the torch model, for test-device.
     encode(text) -> token ids is the tokenizer the device will use (the caller's)."""
     import torch
 
     from export.transforms import use_sparse_attention
 
-    model = load_model(model_dir, torch.float32, config=config)
+    from export.profiles import weight_bytes
+
+    # fp32 when it fits comfortably in this host's memory (an 8B model needs 32 GB), else bf16.
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    dtype = torch.float32 if 2 * weight_bytes(config, "fp16") < total / 2 else torch.bfloat16
+    model = load_model(model_dir, dtype, config=config)
     if sparse:
         use_sparse_attention(model)
     cases, first_logits = [], []
@@ -129,12 +134,13 @@ def golden_cases(model_dir: Path, config, out: Path, sparse: bool, encode):
             for i in range(GOLDEN_TOKENS):
                 logits = model(torch.tensor([step_ids]), torch.arange(pos, pos + len(step_ids))[None])[0, -1]
                 if i == 0:
-                    first_logits.append(logits.numpy())
+                    first_logits.append(logits.float().numpy())
                 pos += len(step_ids)
                 step_ids = [int(logits.argmax())]
                 tokens.append(step_ids[0])
         cases.append({"prompt": prompt, "ids": ids, "greedy": tokens})
-    (out / "golden.json").write_text(json.dumps({"tokens": GOLDEN_TOKENS, "cases": cases}, indent=1))
+    (out / "golden.json").write_text(json.dumps({"tokens": GOLDEN_TOKENS, "dtype": str(dtype).removeprefix("torch."),
+                                                 "cases": cases}, indent=1))
     np.save(out / "golden_logits.npy", np.stack(first_logits).astype(np.float32))
 
 
@@ -185,11 +191,11 @@ def make_bundle(opts: BundleOptions, encoder_for, progress=lambda stage: None) -
         golden_cases(model_dir, config, tmp, plan.sparse, encode)
         shutil.copy2(profile.path, tmp / "profile.yaml")
         progress("[5/5] manifest (sha256 of every file)")
-        from export.onnx_export import model_hash
+        model_hash = json.loads((tmp / "export.json").read_text())["model_hash"]  # hashed once, by the export
         manifest = write_manifest(tmp, {
             "device": profile.name, "sm": profile.sm, "trt_flavour": profile.trt_flavour,
             "trt_min_version": profile.trt_min_version, "jetpack": profile.jetpack or None,
-            "model": model_name, "model_hash": model_hash(model_dir), "plugin_version": PLUGIN_VERSION,
+            "model": model_name, "model_hash": model_hash, "plugin_version": PLUGIN_VERSION,
             "max_batch": plan.max_batch, "max_context": plan.max_context, "dtype": profile.dtype,
             "sparse": plan.sparse, "kv_cache_bytes": plan.kv_bytes,
             "engine": None, "engine_status": "build-on-device", "engine_note": why_not or None, **engine_info,

@@ -51,6 +51,10 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(e, user_errors()):
             print(f"cpm-edge {args.command}: error: {e}", file=sys.stderr)
             return 2
+        builder = sys.modules.get("trt_plugins.engine_builder")
+        if builder is not None and isinstance(e, builder.EngineBuildError):  # TensorRT's own words, one line
+            print(f"cpm-edge {args.command}: error: {e}", file=sys.stderr)
+            return 1
         raise
 
 

@@ -16,7 +16,6 @@ on a Jetson) -> bundle:
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -26,20 +25,12 @@ from pathlib import Path
 
 import numpy as np
 
-from export.checkpoint import AtomicDir, CheckpointError, load_config, load_model
+from export.checkpoint import AtomicDir, CheckpointError, file_sha256, load_config, load_model
 from export.profiles import DeviceProfile, load_profile, plan_for
 
 FORMAT_VERSION = 1
 GOLDEN_PROMPTS = ("The robot arm picks up", "Hello! How are you today?", "Sparse attention reads only")
 GOLDEN_TOKENS = 16
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def hf_cache_dirs() -> list[Path]:
@@ -145,7 +136,7 @@ def golden_cases(model_dir: Path, config, out: Path, sparse: bool, encode):
 
 
 def write_manifest(folder: Path, fields: dict):
-    files = {str(p.relative_to(folder)): sha256(p) for p in sorted(folder.rglob("*"))
+    files = {str(p.relative_to(folder)): file_sha256(p) for p in sorted(folder.rglob("*"))
              if p.is_file() and p.name != "manifest.json"}
     manifest = {"format_version": FORMAT_VERSION, **fields, "files": files}
     tmp = folder / ".manifest.json.tmp"

@@ -50,6 +50,18 @@ class CheckpointError(Exception):
     """A model folder the kit cannot use; the message names the file and key."""
 
 
+def file_sha256(path: Path, h=None):
+    """sha256 of a file read in 4 MiB chunks (pass h to fold several files into one digest)."""
+    import hashlib
+
+    own = h is None
+    h = h or hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest() if own else h
+
+
 def read_json(path: Path) -> dict:
     try:
         with open(path, encoding="utf-8") as f:

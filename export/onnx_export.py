@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from export.checkpoint import DTYPES, AtomicDir, CheckpointError, load_config, load_model
+from export.checkpoint import DTYPES, AtomicDir, CheckpointError, file_sha256, load_config, load_model
 from export.model import MiniCPM
 from trt_plugins import ops
 from trt_plugins.attention.reference import InfLLMv2Config, dense_rows, sparse_block_mask
@@ -125,9 +125,7 @@ def model_hash(model_dir: Path) -> str:
     h = hashlib.sha256()
     for path in sorted([model_dir / "config.json", *model_dir.glob("*.safetensors")]):
         h.update(path.name.encode())
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 22), b""):
-                h.update(chunk)
+        file_sha256(path, h)
     return h.hexdigest()
 
 

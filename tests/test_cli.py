@@ -12,16 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cli.main import main
-
-
-def run_cli(capsys, *argv) -> tuple[int, str, str]:
-    try:
-        code = main([str(a) for a in argv])
-    except SystemExit as e:  # argparse usage errors
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
+from cli_helpers import run_cli
 
 
 def assert_user_error(code, err, *needles):

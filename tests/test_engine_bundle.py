@@ -11,16 +11,8 @@ import pytest
 import yaml
 
 from agent.bundle_check import BundleError, check_device, read_manifest, verify_files
-from cli.main import main
+from cli_helpers import run_cli
 from export.profiles import ProfileError, load_profile, profile_paths
-
-
-def run_cli(capsys, *argv):
-    try:
-        code = main([str(a) for a in argv])
-    except SystemExit as e:
-        code = e.code
-    return code, capsys.readouterr().err
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +88,7 @@ def test_tampered_file_is_refused(bundles, tmp_path, capsys):
     (copy / "model.onnx").write_bytes(bytes(data))
     with pytest.raises(BundleError, match="model.onnx: sha256 differs"):
         open_bundle(copy)
-    code, err = run_cli(capsys, "engine", "build", "--bundle", copy)
+    code, _, err = run_cli(capsys, "engine", "build", "--bundle", copy)
     assert code == 2 and "sha256 differs" in err
 
 
@@ -127,16 +119,16 @@ def write_profile(tmp_path, **changes) -> Path:
 ])
 def test_bad_profiles_are_refused_before_any_work(changes, needle, tiny_dense, tmp_path, capsys):
     profile = write_profile(tmp_path, **changes)
-    code, err = run_cli(capsys, "engine", "--device", profile, "--model", tiny_dense, "--out", tmp_path / "out")
+    code, _, err = run_cli(capsys, "engine", "--device", profile, "--model", tiny_dense, "--out", tmp_path / "out")
     assert code == 2 and needle in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "out").exists()
 
 
 def test_unknown_device_and_missing_model(tmp_path, capsys, monkeypatch):
-    code, err = run_cli(capsys, "engine", "--device", "orin-agx-999", "--out", tmp_path / "o")
+    code, _, err = run_cli(capsys, "engine", "--device", "orin-agx-999", "--out", tmp_path / "o")
     assert code == 2 and "no such profile" in err and "orin" in err
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
-    code, err = run_cli(capsys, "engine", "--device", "orin", "--out", tmp_path / "o")
+    code, _, err = run_cli(capsys, "engine", "--device", "orin", "--out", tmp_path / "o")
     assert code == 2 and "openbmb/MiniCPM4-8B" in err and "huggingface-cli download" in err
 
 
@@ -152,7 +144,7 @@ def test_repo_id_found_in_the_local_hugging_face_cache(tiny_dense, tmp_path, mon
 
 
 def test_flash_to_a_folder_installs_and_verifies(bundles, tmp_path, capsys):
-    code, err = run_cli(capsys, "flash", "--bundle", bundles["orin"], "--host", f"local:{tmp_path}",
+    code, _, err = run_cli(capsys, "flash", "--bundle", bundles["orin"], "--host", f"local:{tmp_path}",
                         "--broker", "mqtt://broker.lan:1883", "--device-id", "orin-07")
     assert code == 0, err
     assert "verifying 58 files" in err or "verifying" in err
@@ -163,14 +155,14 @@ def test_flash_to_a_folder_installs_and_verifies(bundles, tmp_path, capsys):
     assert "Type=notify" in unit and "WatchdogSec" in unit
     env = tmp_path / "etc" / "cpm-edge" / "agent.env"
     assert "CPM_EDGE_DEVICE_ID=orin-07" in env.read_text() and oct(env.stat().st_mode & 0o777) == "0o600"
-    code, err = run_cli(capsys, "bundle", "verify", bundle)
+    code, _, err = run_cli(capsys, "bundle", "verify", bundle)
     assert code == 0 and "match manifest.json" in err
 
 
 def test_flash_refuses_a_damaged_bundle(bundles, tmp_path, capsys):
     copy = Path(shutil.copytree(bundles["orin"], tmp_path / "b"))
     (copy / "golden.json").write_text("{}")
-    code, err = run_cli(capsys, "flash", "--bundle", copy, "--host", f"local:{tmp_path / 'dev'}")
+    code, _, err = run_cli(capsys, "flash", "--bundle", copy, "--host", f"local:{tmp_path / 'dev'}")
     assert code == 2 and "golden.json: sha256 differs" in err and not (tmp_path / "dev").exists()
 
 

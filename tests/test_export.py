@@ -14,7 +14,7 @@ from agent.errors import AgentInputError
 from agent.generation import SamplingParams, generate
 from agent.onnxruntime_backend import OnnxRuntimeBackend
 from agent.tokenizer import Tokenizer
-from cli.main import main
+from cli_helpers import run_cli
 from export.checkpoint import load_model
 from export.onnx_export import ExportOptions, export, model_hash
 from export.torch_backend import TorchBackend
@@ -134,19 +134,11 @@ def test_export_json(exports, tiny_models):
     assert {"tokenizer.json", "config.json", "model.onnx"} <= {p.name for p in exports["sparse", "trt"].iterdir()}
 
 
-def run_cli(capsys, *argv):
-    try:
-        code = main([str(a) for a in argv])
-    except SystemExit as e:
-        code = e.code
-    return code, capsys.readouterr().err
-
-
 def test_cli_export_and_generate(tiny_dense, tmp_path, capsys):
-    code, err = run_cli(capsys, "export", tiny_dense, "--out", tmp_path / "e", "--max-seq", "64")
+    code, _, err = run_cli(capsys, "export", tiny_dense, "--out", tmp_path / "e", "--max-seq", "64")
     assert code == 0, err
     assert "export: tracing" in err and "exported portable fp32" in err
-    code, err = run_cli(capsys, "generate", tmp_path / "e", "--prompt", "robot", "--max-tokens", "5",
+    code, _, err = run_cli(capsys, "generate", tmp_path / "e", "--prompt", "robot", "--max-tokens", "5",
                         "--temperature", "0")
     assert code == 0 and "5 generated" in err
 
@@ -172,7 +164,7 @@ def test_bad_input(case, tiny_dense, exports, tmp_path, capsys):
         argv, needle = ["generate", old, "--prompt", "hi"], "format_version"
     else:
         argv, needle = ["generate", exports["dense", "portable"], "--prompt", "robot " * 600], "at most 512"
-    code, err = run_cli(capsys, *argv)
+    code, _, err = run_cli(capsys, *argv)
     assert code == 2 and len(err.strip().splitlines()) == 1 and needle in err, err
     assert not (tmp_path / "e").exists() or case == "exists"
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folder left

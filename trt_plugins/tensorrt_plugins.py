@@ -192,11 +192,24 @@ def build_plugin_classes(trt):
         def destroy(self):
             pass
 
+        FIXED_TYPES: dict = {}  # input position -> the one dtype it takes; the others share q's/x's dtype
+
+        def supports_format_combination(self, pos, in_out, num_inputs):
+            desc = in_out[pos].desc
+            if desc.format != trt.TensorFormat.LINEAR:
+                return False
+            if pos in self.FIXED_TYPES:
+                return desc.type == getattr(trt.DataType, self.FIXED_TYPES[pos])
+            if pos == 0:
+                return desc.type in (trt.DataType.HALF, trt.DataType.BF16)
+            return desc.type == in_out[0].desc.type
+
     class AttentionPlugin(Plugin):
         """CpmAttention: inputs q (B,T,H*D), k, v (B,T,Hkv*D), k_cache, v_cache (B,Hkv,S,D), positions (B,T)
         int64; outputs attention (B,T,H*D) and the caches (aliases of inputs 3 and 4)."""
         NAME = ops.ATTENTION_OP
         FIELDS = tuple(ops.attention_attrs(1, 1, 64, None))
+        FIXED_TYPES = {5: "INT64"}  # positions
 
         def __init__(self, values):
             super().__init__(values)
@@ -211,16 +224,6 @@ def build_plugin_classes(trt):
 
         def get_output_shapes(self, inputs, shape_inputs, expr_builder):
             return [trt.DimsExprs(inputs[0]), trt.DimsExprs(inputs[3]), trt.DimsExprs(inputs[4])]
-
-        def supports_format_combination(self, pos, in_out, num_inputs):
-            desc = in_out[pos].desc
-            if desc.format != trt.TensorFormat.LINEAR:
-                return False
-            if pos == 5:
-                return desc.type == trt.DataType.INT64
-            if pos == 0:
-                return desc.type in (trt.DataType.HALF, trt.DataType.BF16)
-            return desc.type == in_out[0].desc.type  # q, k, v, caches and outputs share one dtype
 
         def get_workspace_size(self, inputs, outputs):
             if self.sparse is None:
@@ -294,6 +297,7 @@ def build_plugin_classes(trt):
         """CpmTernaryGemm: inputs x (..., K), packed int8 (N, K_pad/4), scales fp32 (N, G); output (..., N)."""
         NAME = ops.TERNARY_OP
         FIELDS = ("in_features", "out_features", "group_size")
+        FIXED_TYPES = {1: "INT8", 2: "FLOAT"}  # packed codes, scales
 
         def __init__(self, values):
             super().__init__(values)
@@ -309,18 +313,6 @@ def build_plugin_classes(trt):
             out = trt.DimsExprs(inputs[0])
             out[len(out) - 1] = expr_builder.constant(int(self.values["out_features"]))
             return [out]
-
-        def supports_format_combination(self, pos, in_out, num_inputs):
-            desc = in_out[pos].desc
-            if desc.format != trt.TensorFormat.LINEAR:
-                return False
-            if pos == 1:
-                return desc.type == trt.DataType.INT8
-            if pos == 2:
-                return desc.type == trt.DataType.FLOAT
-            if pos == 0:
-                return desc.type in (trt.DataType.HALF, trt.DataType.BF16)
-            return desc.type == in_out[0].desc.type
 
         def enqueue(self, input_desc, output_desc, inputs, outputs, workspace, stream):
             lib = kernel_library()

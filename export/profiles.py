@@ -14,8 +14,8 @@ from pathlib import Path
 from export.checkpoint import CheckpointError
 
 DEVICES_DIR = Path(__file__).resolve().parents[1] / "devices"
-FLAVOURS = ("tensorrt", "tensorrt-rtx")
-DTYPE_BYTES = {"fp16": 2, "bf16": 2}
+FLAVOURS = ("tensorrt", "tensorrt-rtx", "onnxruntime")  # onnxruntime: devices/cpu, no engine
+DTYPE_BYTES = {"fp16": 2, "bf16": 2, "fp32": 4}
 FLOOR_KEYS = ("decode_tokens_per_s", "prefill_tokens_per_s", "time_to_first_token_ms", "peak_memory_gb")
 
 
@@ -102,7 +102,8 @@ def profile_from_dict(raw, source: str) -> DeviceProfile:
     checks = [
         (p.trt_flavour in FLAVOURS, "trt_flavour", f"must be one of {', '.join(FLAVOURS)}"),
         (p.dtype in DTYPE_BYTES, "dtype", f"must be one of {', '.join(DTYPE_BYTES)}"),
-        (75 <= p.sm <= 130, "sm", "must be an NVIDIA SM such as 87 (Orin) or 89 (RTX 40)"),
+        (75 <= p.sm <= 130 or (p.trt_flavour == "onnxruntime" and p.sm == 0), "sm",
+         "must be an NVIDIA SM such as 87 (Orin) or 89 (RTX 40) (0 for an onnxruntime profile)"),
         (p.memory_gb > 0, "memory_gb", "must be positive"),
         (0 < p.kv_cache_fraction < 1, "kv_cache_fraction", "must be between 0 and 1"),
         (p.max_batch >= 1, "max_batch", "must be at least 1"),

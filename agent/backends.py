@@ -15,17 +15,24 @@ def open_bundle(path: str | Path, max_batch: int = 4, max_seq: int | None = None
     if not path.is_dir():
         raise AgentInputError(f"{path}: not a directory (expected an export folder from cpm-edge export)")
     if (path / "manifest.json").exists():
-        from agent.bundle_check import read_manifest, verify_files
+        from agent.bundle_check import check_at_start
 
-        manifest = read_manifest(path)
-        verify_files(path, manifest)  # before anything needs a GPU: a tampered bundle is refused everywhere
+        # Before anything needs a GPU: cheap when `flash`/`bundle verify` recorded a full sha256 pass, else full.
+        manifest = check_at_start(path)
+        if manifest.get("backend") == "onnxruntime":  # a devices/cpu bundle: the portable graph as it is
+            from agent.onnxruntime_backend import OnnxRuntimeBackend
+
+            backend = OnnxRuntimeBackend(path, max_batch=min(max_batch, manifest["max_batch"]), max_seq=max_seq,
+                                         threads=threads)
+            return backend, Tokenizer(path), {"backend": "onnxruntime",
+                                              **{k: v for k, v in manifest.items() if k != "files"}}
         from agent.tensorrt_backend import TensorRTBackend
         from trt_plugins.tensorrt_plugins import TensorRTMissing
         try:
             backend = TensorRTBackend(path, max_batch=max_batch)
         except ImportError as e:
-            raise AgentInputError(f"{path}: an engine bundle needs pycuda on an NVIDIA device "
-                                  f"({e.name or e} is not importable here)") from None
+            raise AgentInputError(f"{path}: an engine bundle needs TensorRT and cuda-python (cuda-bindings) on an "
+                                  f"NVIDIA device ({e.name or e} is not importable here)") from None
         except TensorRTMissing as e:
             raise AgentInputError(f"{path}: {e}") from None
         return backend, Tokenizer(path), {"backend": "tensorrt", **{k: v for k, v in manifest.items() if k != "files"}}

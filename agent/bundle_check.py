@@ -38,17 +38,105 @@ def read_manifest(folder: str | Path) -> dict:
     return manifest
 
 
-def verify_files(folder: str | Path, manifest: dict) -> int:
-    """Check the sha256 of every file the manifest lists; returns how many were checked."""
+def verify_files(folder: str | Path, manifest: dict, dropped: tuple[str, ...] = ()) -> int:
+    """Check the sha256 of every file the manifest lists (but those dropped on purpose); returns how many."""
     folder = Path(folder)
     for name, digest in manifest["files"].items():
+        if name in dropped:
+            continue
         path = folder / name
         if not path.is_file():
             raise BundleError(f"{path}: listed in manifest.json but missing; copy the bundle again")
         if file_sha256(path) != digest:
             raise BundleError(f"{path}: sha256 differs from manifest.json (corrupted or modified); copy the "
                               f"bundle again")
-    return len(manifest["files"])
+    return len(manifest["files"]) - len(set(dropped) & set(manifest["files"]))
+
+
+SEAL = ".verified.json"  # written after a full sha256 pass: what the cheap check at each start compares with
+
+
+def manifest_sha256(folder: str | Path) -> str:
+    return file_sha256(Path(folder) / "manifest.json")
+
+
+def _stat(path: Path) -> list[int]:
+    st = path.stat()
+    return [st.st_size, st.st_mtime_ns]
+
+
+def write_seal(folder: str | Path, manifest: dict, dropped: tuple[str, ...] = ()) -> Path | None:
+    """After verify_files passed: record the manifest's sha256 and each file's size and mtime, so a start
+    can check the bundle in milliseconds. `dropped` names files removed on purpose (model.onnx once the
+    engine is built). Returns the seal's path, or None where the folder is not writable (read-only bundle)."""
+    folder = Path(folder)
+    seal = {"manifest_sha256": manifest_sha256(folder), "dropped": sorted(dropped),
+            "files": {name: _stat(folder / name) for name in manifest["files"] if name not in dropped}}
+    tmp = folder / f"{SEAL}.tmp"
+    try:
+        tmp.write_text(json.dumps(seal, indent=1) + "\n")
+        os.replace(tmp, folder / SEAL)
+    except OSError:
+        return None
+    return folder / SEAL
+
+
+def read_seal(folder: str | Path) -> dict | None:
+    try:
+        return json.loads((Path(folder) / SEAL).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def dropped_files(folder: str | Path) -> tuple[str, ...]:
+    """Files the seal says were removed on purpose (verify_files accepts their absence)."""
+    return tuple((read_seal(folder) or {}).get("dropped", ()))
+
+
+def quick_check(folder: str | Path, manifest: dict) -> str | None:
+    """None when the manifest's own sha256 and every file's size and mtime match the seal; else why not."""
+    folder = Path(folder)
+    seal = read_seal(folder)
+    if seal is None:
+        return f"no {SEAL} yet (written by cpm-edge flash or cpm-edge bundle verify)"
+    if seal.get("manifest_sha256") != manifest_sha256(folder):
+        return "manifest.json changed since the last full check"
+    dropped = set(seal.get("dropped", ()))
+    for name in manifest["files"]:
+        if name in dropped:
+            continue
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if seal["files"].get(name) != _stat(path):
+            return f"{name} changed size or modification time since the last full check"
+    return None
+
+
+def check_at_start(folder: str | Path) -> dict:
+    """The check of every agent start: cheap (sizes, mtimes, the manifest's sha256 against the seal of the last
+    full pass) when a seal is there, the full sha256 pass otherwise. Says which it did; returns the manifest."""
+    import logging
+    import time
+
+    log = logging.getLogger("cpm-edge.agent")
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    start = time.perf_counter()
+    why = quick_check(folder, manifest)
+    if why is None:
+        log.info("bundle %s: cheap start check passed (%d files: sizes, mtimes and manifest sha256 match the "
+                 "full sha256 check recorded in %s) in %.0f ms", folder, len(manifest["files"]), SEAL,
+                 1000 * (time.perf_counter() - start))
+        return manifest
+    log.info("bundle %s: %s; checking the sha256 of every file", folder, why)
+    count = verify_files(folder, manifest, dropped_files(folder))
+    sealed = write_seal(folder, manifest, dropped_files(folder))
+    log.info("bundle %s: %d files match manifest.json (full sha256 check, %.1f s)%s", folder, count,
+             time.perf_counter() - start, "" if sealed else
+             f"; the folder is read-only, so the next start checks again: run `cpm-edge bundle verify {folder}` "
+             f"as its owner to record the check")
+    return manifest
 
 
 def check_device(manifest: dict, gpu_sm: int | None, trt_version: str | None):

@@ -38,7 +38,8 @@ def engine(args) -> int:
     start = time.perf_counter()
     manifest = make_bundle(BundleOptions(args.device, out, args.model, args.force),
                            lambda model_dir: Tokenizer(model_dir).encode, progress)
-    status = ("engine built" if manifest["engine"] else
+    status = ("engine built" if manifest["engine"] else "no engine: ONNX Runtime runs model.onnx"
+              if manifest.get("backend") == "onnxruntime" else
               f"no engine yet: {manifest['engine_note']}; on the device run cpm-edge engine build --bundle DIR")
     print(f"bundle for {manifest['device']} ({len(manifest['files'])} files) in {out} after "
           f"{time.perf_counter() - start:.0f} s: {status}", file=sys.stderr)

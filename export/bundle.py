@@ -63,6 +63,8 @@ def can_build_here(profile: DeviceProfile) -> tuple[bool, str]:
     """Whether this machine can build the profile's engine, and why not."""
     import importlib.util
 
+    if profile.trt_flavour == "onnxruntime":
+        return False, "none needed: ONNX Runtime runs model.onnx as it is"
     if profile.trt_flavour == "tensorrt-rtx":
         if importlib.util.find_spec("tensorrt_rtx") is None:
             return False, "TensorRT-RTX is not installed here (pip install tensorrt-rtx-cu13)"
@@ -161,21 +163,27 @@ def make_bundle(opts: BundleOptions, encoder_for, progress=lambda stage: None) -
     destination = AtomicDir(opts.out, overwrite=opts.overwrite)
     destination.check()
     buildable, why_not = can_build_here(profile)
+    portable = profile.trt_flavour == "onnxruntime"  # devices/cpu: no kernels, no engine
+    flavor = "portable" if portable else "trt"
     with destination as tmp:
-        progress(f"[1/5] export: trt flavor, {profile.dtype}, context {profile.max_context}, "
+        progress(f"[1/5] export: {flavor} flavor, {profile.dtype}, context {profile.max_context}, "
                  f"sparse {'on' if plan.sparse else 'off'}")
-        export(ExportOptions(model_dir, tmp / "export", "trt", profile.dtype, profile.max_context,
+        export(ExportOptions(model_dir, tmp / "export", flavor, profile.dtype, profile.max_context,
                              sparse=plan.sparse), progress)
         for item in (tmp / "export").iterdir():
             item.rename(tmp / item.name)
         (tmp / "export").rmdir()
-        progress(f"[2/5] kernels for {profile.target}")
-        compile_kernels(profile.target, model_dir, tmp / "kernels", Path(opts.out).parent / ".triton-cache")
         engine_info = {}
+        if portable:
+            progress("[2/5] kernels: none (ONNX Runtime's CPU kernels); [3/5] engine: none (model.onnx is run)")
+            engine_info = {"engine_status": "onnxruntime"}
+        else:
+            progress(f"[2/5] kernels for {profile.target}")
+            compile_kernels(profile.target, model_dir, tmp / "kernels", Path(opts.out).parent / ".triton-cache")
         if buildable:
             progress(f"[3/5] engine for {profile.description}")
             engine_info = build_bundle_engine(tmp, profile.max_batch, profile.trt_flavour)
-        else:
+        elif not portable:
             progress(f"[3/5] engine: not built here ({why_not}); the device builds it on first start "
                      f"(cpm-edge engine build --bundle DIR)")
         progress("[4/5] golden cases from the torch model")
@@ -189,6 +197,7 @@ def make_bundle(opts: BundleOptions, encoder_for, progress=lambda stage: None) -
             "model": model_name, "model_hash": model_hash, "plugin_version": PLUGIN_VERSION,
             "max_batch": plan.max_batch, "max_context": plan.max_context, "dtype": profile.dtype,
             "sparse": plan.sparse, "kv_cache_bytes": plan.kv_bytes,
+            "backend": "onnxruntime" if portable else "tensorrt",
             "engine": None, "engine_status": "build-on-device", "engine_note": why_not or None, **engine_info,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
     return manifest

@@ -1,8 +1,8 @@
 """The agent's settings: one dataclass, validated at start, with environment overrides and secrets redacted.
 
 Precedence: a value given on the command line, else the environment (CPM_EDGE_BROKER, CPM_EDGE_DEVICE_ID,
-CPM_EDGE_MQTT_USERNAME, CPM_EDGE_MQTT_PASSWORD), else the default. The password never appears in logs,
-repr() or `redacted()`.
+CPM_EDGE_MQTT_USERNAME, CPM_EDGE_MQTT_PASSWORD, CPM_EDGE_PREFILL_CHUNK), else the default. The password never
+appears in logs, repr() or `redacted()`.
 """
 from __future__ import annotations
 
@@ -17,6 +17,8 @@ from agent.errors import AgentInputError
 
 ENV = {"broker": "CPM_EDGE_BROKER", "device_id": "CPM_EDGE_DEVICE_ID",
        "username": "CPM_EDGE_MQTT_USERNAME", "password": "CPM_EDGE_MQTT_PASSWORD"}
+ENV_INT = {"prefill_chunk": "CPM_EDGE_PREFILL_CHUNK"}
+DEFAULT_PREFILL_CHUNK = 512  # tokens per prefill call when neither the settings nor the bundle say
 MQTT_VERSIONS = ("5", "3.1.1")
 _NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")  # a device id, pool or group: one topic level, no wildcards
 _PREFIX = re.compile(r"^[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*$")
@@ -76,6 +78,8 @@ class AgentConfig:
     reconnect_max_s: float = 30.0
     session_expiry_s: int = 0         # > 0: persistent session, requests published while offline wait
     queue_size: int = 64              # requests waiting for a cache row; more are answered `busy`
+    control_queue_size: int = 1024    # cancel/resend waiting for the scheduler (a queue apart from requests)
+    prefill_chunk: Optional[int] = None  # prompt tokens per prefill step; None: the bundle's, else 512
     max_payload_bytes: int = 64 * 1024
     max_prompt_tokens: int = 0        # 0: what the model holds (max_seq - 1)
     max_tokens: int = 1024            # the largest max_tokens a request may ask for
@@ -98,6 +102,11 @@ class AgentConfig:
                 values[f.name] = given[f.name]
             elif f.name in ENV and env.get(ENV[f.name]):
                 values[f.name] = env[ENV[f.name]]
+            elif f.name in ENV_INT and env.get(ENV_INT[f.name]):
+                try:
+                    values[f.name] = int(env[ENV_INT[f.name]])
+                except ValueError:
+                    raise AgentInputError(f"{ENV_INT[f.name]}={env[ENV_INT[f.name]]!r}: must be an integer") from None
         return cls(**values)
 
     @property
@@ -131,10 +140,14 @@ class AgentConfig:
         if self.qos not in (0, 1):
             raise AgentInputError(f"qos {self.qos!r}: 0 or 1")
         for key in ("queue_size", "max_payload_bytes", "max_tokens", "default_max_tokens", "chunk_tokens",
-                    "keepalive_s", "finished_cache"):
+                    "keepalive_s", "finished_cache", "control_queue_size"):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise AgentInputError(f"{key} {value!r}: must be an integer >= 1")
+        chunk = self.prefill_chunk
+        if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
+            raise AgentInputError(f"prefill_chunk {chunk!r} (--prefill-chunk, CPM_EDGE_PREFILL_CHUNK): "
+                                  f"must be an integer >= 1")
         for key in ("max_prompt_tokens", "session_expiry_s"):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:

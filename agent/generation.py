@@ -1,12 +1,16 @@
 """The one generation loop every backend shares (torch, ONNX Runtime, TensorRT): numpy only.
 
 A backend owns a KV cache of `max_batch` rows x `max_seq` positions and offers two calls:
-  prefill(row, ids)          -> logits (V,) of the last prompt token, prompt written into cache row `row`
+  prefill(row, ids, start)   -> logits (V,) of the last token given; ids written into cache row `row` at
+                                positions start .. start + len(ids) - 1 (attending to what the row holds)
   decode(tokens, positions)  -> logits (n, V), one new token for each of rows 0..n-1
-Requests beyond max_batch wait and take the first row that frees up (continuous batching).
+Requests beyond max_batch wait and take the first row that frees up (continuous batching). With a prefill
+chunk, a long prompt is prefilled over several steps, each step also decoding the rows already running, so
+one long prompt never stalls the other streams (nor a scheduler's heartbeat) for a whole prefill.
 """
 from __future__ import annotations
 
+import sys
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -22,7 +26,7 @@ class Backend(Protocol):
     max_batch: int
     max_seq: int
 
-    def prefill(self, row: int, ids: np.ndarray) -> np.ndarray: ...
+    def prefill(self, row: int, ids: np.ndarray, start: int = 0) -> np.ndarray: ...
 
     def decode(self, tokens: np.ndarray, positions: np.ndarray) -> np.ndarray: ...
 
@@ -98,6 +102,7 @@ class _Request:
         self.out = Completion(prompt_tokens=len(ids))
         self.emitted = 0  # characters of stream.text already handed to the callback
         self.row = -1
+        self.prefilled = 0   # prompt tokens already written into the cache row
         self.pos = len(ids)  # position the next token will take
         self.last = -1
         self.started = self.first_token_at = 0.0
@@ -142,13 +147,19 @@ def _overlap(text: str, stop: str) -> int:
 class BatchGenerator:
     """Continuous batching over a backend's cache rows, one step at a time.
 
-    add() queues a prompt; step() admits queued prompts into free rows (one prefill each) and then runs one
-    decode for every active row. Callbacks run on the caller's thread: on_text(key, delta) with text as it
-    is made, on_done(key, Completion) once. Not thread-safe: one owner calls add/cancel/step.
+    add() queues a prompt; step() admits queued prompts into free rows, prefills at most `prefill_chunk`
+    prompt tokens in all (the prompts with the fewest tokens left first, so a short prompt is not held
+    behind a long one), then runs one decode for every row whose prompt is in. None: every prompt whole.
+    Callbacks run on the caller's thread: on_text(key, delta) with text as it is made, on_done(key,
+    Completion) once. Not thread-safe: one owner calls add/cancel/step.
     """
 
-    def __init__(self, backend: Backend, tokenizer: Tokenizer, clock=time.perf_counter):
+    def __init__(self, backend: Backend, tokenizer: Tokenizer, clock=time.perf_counter,
+                 prefill_chunk: Optional[int] = None):
+        if prefill_chunk is not None and prefill_chunk < 1:
+            raise ValueError(f"prefill_chunk must be >= 1 or None, got {prefill_chunk!r}")
         self.backend, self.tokenizer, self.clock = backend, tokenizer, clock
+        self.prefill_chunk = prefill_chunk
         self.eos = set(tokenizer.eos_ids)
         self.rows: list[Optional[_Request]] = [None] * backend.max_batch
         self.waiting: deque[_Request] = deque()
@@ -188,25 +199,46 @@ class BatchGenerator:
         return bool(self.waiting) or self.active > 0
 
     def step(self) -> bool:
-        """Admit, then decode once; returns whether work remains."""
+        """Admit, prefill up to one chunk, then decode once; returns whether work remains."""
         for row in range(len(self.rows)):
             if self.rows[row] is None and self.waiting:
                 req = self.waiting.popleft()
                 req.row, self.rows[row] = row, req
                 req.started = self.clock()
-                self._accept(req, self.backend.prefill(row, np.asarray(req.ids, dtype=np.int64)))
+        self._prefill()
         active = [r for r in self.rows if r is not None]
-        if active:
-            n = max(r.row for r in active) + 1
+        decoding = [r for r in active if r.prefilled == len(r.ids)]
+        if decoding:
+            n = max(r.row for r in decoding) + 1
             tokens, positions = np.zeros(n, np.int64), np.zeros(n, np.int64)
             for r in active:
-                tokens[r.row], positions[r.row] = r.last, r.pos
+                if r.row < n:  # a row still prefilling gets a throw-away token where its next chunk will write
+                    tokens[r.row], positions[r.row] = (r.last, r.pos) if r in decoding else (0, r.prefilled)
             logits = self.backend.decode(tokens, positions)
-            for r in active:
+            for r in decoding:
                 if self.rows[r.row] is r:  # not cancelled by a callback meanwhile
                     r.pos += 1
                     self._accept(r, logits[r.row])
         return self.busy
+
+    def _prefill(self):
+        """Write at most prefill_chunk prompt tokens this step; a prompt whose last token is in samples its
+        first token from the logits of that last chunk."""
+        budget = self.prefill_chunk or sys.maxsize
+        todo = sorted((r for r in self.rows if r is not None and r.prefilled < len(r.ids)),
+                      key=lambda r: (len(r.ids) - r.prefilled, r.started))
+        for req in todo:
+            if budget <= 0:
+                break
+            start = req.prefilled
+            chunk = req.ids[start:start + budget]
+            ids = np.asarray(chunk, dtype=np.int64)
+            # a whole prompt is the plain call every backend has; a later chunk says where it starts
+            logits = self.backend.prefill(req.row, ids, start) if start else self.backend.prefill(req.row, ids)
+            req.prefilled += len(chunk)
+            budget -= len(chunk)
+            if req.prefilled == len(req.ids):
+                self._accept(req, logits)
 
     def _accept(self, req: _Request, logits: np.ndarray):
         now = self.clock()
@@ -234,11 +266,12 @@ class BatchGenerator:
 
 
 def generate(backend: Backend, tokenizer: Tokenizer, prompts: list[list[int]], params: list[SamplingParams],
-             on_text: Callable[[int, str], None] | None = None) -> list[Completion]:
+             on_text: Callable[[int, str], None] | None = None,
+             prefill_chunk: Optional[int] = None) -> list[Completion]:
     """Run every prompt to completion; on_text(i, delta) streams prompt i's text as it is made."""
     if len(prompts) != len(params):
         raise ValueError("one SamplingParams per prompt")
-    batch = BatchGenerator(backend, tokenizer)
+    batch = BatchGenerator(backend, tokenizer, prefill_chunk=prefill_chunk)
     for i, (ids, p) in enumerate(zip(prompts, params)):
         try:
             batch.check(ids, p)

@@ -3,7 +3,9 @@
 Subscriptions are made in on_connect, so a reconnect re-subscribes; paho's network thread reconnects with
 exponential backoff (reconnect_min_s .. reconnect_max_s) and keeps QoS 1 replies published while the broker
 was away, sending them once it is back. The retained status topic says loading / online, and the broker
-publishes the last will `offline` when the agent vanishes. TCP_NODELAY is set on the socket: replies are
+publishes the last will `offline` when the agent vanishes. `online` goes out only once the broker granted
+every subscription (v5 reason codes, v3.1.1 granted QoS; 0x80 and above is a refusal); a refused one is
+logged as an error and the status says `error` with the refused topics. TCP_NODELAY is set on the socket: replies are
 small and latency matters more than packet count.
 """
 from __future__ import annotations
@@ -88,7 +90,8 @@ class MqttTransport:
         self.client.on_publish = self._on_publish
         self.refused_publishes = 0
         self._stopping = False
-        self.subscribed_ok = False
+        self.subscribed_ok = False     # the last SUBACK granted every subscription
+        self.refused_topics: list[str] = []
 
     # --- lifecycle ----------------------------------------------------------------------------------
     def start(self):
@@ -114,7 +117,8 @@ class MqttTransport:
         self.client.loop_stop()
 
     def set_state(self, state: str, **info):
-        """Retained status: loading / online (offline is the will and the clean stop)."""
+        """Retained status: loading / online (offline is the will and the clean stop; `error` replaces
+        online while a subscription is refused)."""
         with self._lock:
             self.state, self.state_info = state, info
         if self.connected.is_set() and (not self.ready or self.subscribed.is_set()):
@@ -122,7 +126,10 @@ class MqttTransport:
 
     def _publish_state(self):
         with self._lock:
-            payload = P.status_payload(self.state, self.config.device_id, **self.state_info)
+            state, info = self.state, self.state_info
+            if self.ready and self.refused_topics:
+                state, info = "error", {"error": f"subscription refused: {', '.join(self.refused_topics)}"}
+            payload = P.status_payload(state, self.config.device_id, **info)
         self.client.publish(self.topics.status, payload, qos=1, retain=True)
 
     # --- outgoing -----------------------------------------------------------------------------------
@@ -160,14 +167,21 @@ class MqttTransport:
     def _on_subscribe(self, client, userdata, mid, reason_codes, properties):
         # Every SUBSCRIBE of this client is the full list (its SUBACK may even come back before
         # client.subscribe() has returned the mid on another thread, so the mid is not compared).
-        refused = [topic for (topic, _), rc in zip(self.topics.subscriptions(), reason_codes) if rc.is_failure]
+        # paho (CallbackAPIVersion.VERSION2) hands ReasonCode objects for both protocol versions: the v5
+        # reason code, or the v3.1.1 granted QoS, where 0x80 is a refusal; is_failure means value >= 0x80.
+        topics = [topic for topic, _ in self.topics.subscriptions()]
+        codes = list(reason_codes)
+        refused = [topic for topic, rc in zip(topics, codes) if rc.is_failure] + topics[len(codes):]
+        with self._lock:
+            self.refused_topics = refused
         if refused:
             self.last_error = (f"broker {self.address} refused the subscription to {', '.join(refused)} "
-                               f"(check the ACL of user {self.config.username!r})")
+                               f"({', '.join(str(rc) for rc in codes if rc.is_failure) or 'no reason code'}); "
+                               f"status stays not online: check the ACL of user {self.config.username!r}")
             log.error("%s", self.last_error)
+        self.subscribed_ok = not refused
         self.subscribed.set()
         self._publish_state()
-        self.subscribed_ok = not refused
 
     def _on_publish(self, client, userdata, mid, reason_code, properties):
         """MQTT v5 PUBACKs carry the broker's verdict: an ACL that denies our topics shows up here."""

@@ -87,9 +87,10 @@ class OnnxRuntimeBackend:
         self.session.run_with_iobinding(binding)
         return binding.get_outputs()[-1].numpy()
 
-    def prefill(self, row: int, ids: np.ndarray) -> np.ndarray:
+    def prefill(self, row: int, ids: np.ndarray, start: int = 0) -> np.ndarray:
+        """ids at positions start.. of `row` (start > 0: a later chunk of a prompt, after what the row holds)."""
         ids = np.asarray(ids, dtype=np.int64)[None]
-        return self._run(row, ids, np.arange(ids.shape[1], dtype=np.int64)[None])[0]
+        return self._run(row, ids, np.arange(start, start + ids.shape[1], dtype=np.int64)[None])[0]
 
     def decode(self, tokens: np.ndarray, positions: np.ndarray) -> np.ndarray:
         return self._run(0, np.asarray(tokens)[:, None], np.asarray(positions)[:, None])

@@ -1,16 +1,18 @@
 """The agent's core without MQTT: validate and enqueue on the network thread, generate on a scheduler thread.
 
 The transport calls `handle(Inbound)` from its network thread. That call only parses, checks limits and puts
-the request into a bounded inbox (or answers an error at once: `busy` when the agent already holds
-max_batch + queue_size requests). One scheduler thread owns the BatchGenerator: between two decode steps it
-drains the inbox (so a cancel lands within one step), admits waiting requests into free cache rows (refusing
-those that waited past their expiry), runs one batched step and streams the text in chunks. Every accepted
-request ends with exactly one final message, `done` or `error`: nothing is dropped silently.
+the request into the inbox (or answers an error at once: `busy` when the agent already holds
+max_batch + queue_size requests). Requests and controls (cancel, resend) wait in two separate queues: requests
+are bounded by that count, so their queue never refuses one; controls have their own bound, and a flood of
+them is dropped (and counted) without touching a request. One scheduler thread owns the BatchGenerator:
+between two steps it drains the inbox (so a cancel lands within one step), admits waiting requests into free
+cache rows (refusing those that waited past their expiry), runs one batched step (at most one prefill chunk
+plus one decode, so no step is long) and streams the text in chunks. Every accepted request ends with
+exactly one final message, `done` or `error`: nothing is dropped silently.
 """
 from __future__ import annotations
 
 import logging
-import queue
 import threading
 import time
 from collections import OrderedDict, deque
@@ -19,12 +21,14 @@ from itertools import count
 from typing import Optional, Protocol
 
 from agent import protocol as P
-from agent.config import AgentConfig
+from agent.config import DEFAULT_PREFILL_CHUNK, AgentConfig
 from agent.errors import AgentInputError
 from agent.generation import Backend, BatchGenerator, Completion
 from agent.tokenizer import Tokenizer
 
 log = logging.getLogger("cpm-edge.agent")
+
+CONTROLS_PER_STEP = 256  # cancels/resends handled between two steps at most (the rest wait their turn)
 
 
 class Outbox(Protocol):
@@ -46,6 +50,48 @@ class _Job:
     abort: Optional[tuple[str, str]] = None  # (code, message): end with this error instead of `done`
 
 
+class Inbox:
+    """What the network thread hands the scheduler: requests and controls in two queues under one condition,
+    so neither can take the other's place and the scheduler wakes for either."""
+
+    def __init__(self, control_limit: int):
+        self.requests: deque = deque()  # bounded by AgentServer's capacity count, never refused here
+        self.controls: deque = deque()
+        self.control_limit = control_limit
+        self._cond = threading.Condition()
+        self._woken = False
+
+    def put_request(self, req: P.Request):
+        with self._cond:
+            self.requests.append(req)
+            self._cond.notify()
+
+    def put_control(self, kind: str, control: P.Control) -> bool:
+        """False when the control queue is full (the control is dropped, no request is affected)."""
+        with self._cond:
+            if len(self.controls) >= self.control_limit:
+                return False
+            self.controls.append((kind, control))
+            self._cond.notify()
+            return True
+
+    def wake(self):
+        with self._cond:
+            self._woken = True
+            self._cond.notify()
+
+    def take(self, wait_s: float, max_controls: int) -> tuple[list, list]:
+        """Every waiting request and up to max_controls controls; waits up to wait_s when both are empty."""
+        with self._cond:
+            if wait_s > 0:
+                self._cond.wait_for(lambda: self.requests or self.controls or self._woken, wait_s)
+            self._woken = False
+            requests = list(self.requests)
+            self.requests.clear()
+            controls = [self.controls.popleft() for _ in range(min(max_controls, len(self.controls)))]
+        return requests, controls
+
+
 class AgentServer:
     """Serves one backend. Thread-safe entry points: handle(), stats(), stop()."""
 
@@ -59,19 +105,20 @@ class AgentServer:
                                config.max_wait_s)
         self.max_prompt_tokens = min(config.max_prompt_tokens or backend.max_seq - 1, backend.max_seq - 1)
         self.capacity = backend.max_batch + config.queue_size
-        self.inbox: queue.Queue = queue.Queue(maxsize=self.capacity + 256)  # requests are bounded by capacity
+        self.inbox = Inbox(config.control_queue_size)
+        self.prefill_chunk = config.prefill_chunk or _bundle_chunk(self.info) or DEFAULT_PREFILL_CHUNK
         self.outbox: Optional[Outbox] = None
         self._lock = threading.Lock()
         self._outstanding = 0            # accepted, not yet answered with a final message
         self._stopping = threading.Event()
         self._stopped = threading.Event()
         self._thread: Optional[threading.Thread] = None
-        self.heartbeat = clock()         # the scheduler's last loop iteration (the systemd watchdog checks it)
+        self.heartbeat = clock()         # the scheduler's last step (the systemd watchdog checks it)
         self.counters = {"received": 0, "accepted": 0, "completed": 0, "cancelled": 0, "tokens": 0,
-                         "unanswerable": 0, "errors": {}}
+                         "unanswerable": 0, "controls_dropped": 0, "errors": {}}
         self._ids = count()
         # scheduler-thread state
-        self.generator = BatchGenerator(backend, tokenizer)
+        self.generator = self._new_generator()
         self.pending: deque[_Job] = deque()     # accepted, not yet in the generator
         self.jobs: dict[int, _Job] = {}         # key -> job, pending or running
         self.by_target: dict = {}               # ReplyTarget.key -> job
@@ -135,7 +182,7 @@ class AgentServer:
             self._refuse(P.RequestError(P.BUSY, f"{self.capacity} requests already running or queued; "
                                                 f"retry later", req.target))
             return
-        self.inbox.put_nowait(("request", req))  # cannot be full: requests are bounded by capacity
+        self.inbox.put_request(req)  # never refused: requests are bounded by capacity above
 
     def handle_control(self, msg: P.Inbound, kind: str):
         try:
@@ -144,10 +191,12 @@ class AgentServer:
         except P.RequestError as e:
             log.info("%s on %s refused: %s", kind, msg.topic, e.message)
             return
-        try:
-            self.inbox.put_nowait((kind, control))
-        except queue.Full:
-            log.warning("%s dropped: the control queue is full", kind)
+        if not self.inbox.put_control(kind, control):
+            self._count("controls_dropped")
+            dropped = self.counters["controls_dropped"]
+            if dropped in (1, 10, 100, 1000) or dropped % 10_000 == 0:
+                log.warning("%s dropped: %d cancel/resend messages waiting already (%d dropped so far; "
+                            "no request is affected)", kind, self.config.control_queue_size, dropped)
 
     def _refuse(self, e: P.RequestError):
         self._count_error(e.code)
@@ -158,11 +207,11 @@ class AgentServer:
         self._publish(e.target, P.error_payload(e.target.id, 0, e.code, e.message))
 
     # --- scheduler thread ---------------------------------------------------------------------------
+    def _new_generator(self) -> BatchGenerator:
+        return BatchGenerator(self.backend, self.tokenizer, prefill_chunk=self.prefill_chunk)
+
     def _wake(self):
-        try:
-            self.inbox.put_nowait(("wake", None))
-        except queue.Full:
-            pass  # a full inbox wakes the scheduler anyway
+        self.inbox.wake()
 
     def _run(self):
         try:
@@ -181,12 +230,10 @@ class AgentServer:
             self._stopped.set()
 
     def _drain(self, block: bool):
-        """Take everything in the inbox; when idle, wait for the first item (1 s at most: heartbeat)."""
-        for n in range(self.inbox.maxsize + 1):
-            try:
-                kind, item = self.inbox.get(timeout=1.0) if (block and n == 0) else self.inbox.get_nowait()
-            except queue.Empty:
-                return
+        """Take the waiting requests, then (so a cancel right after its request finds it) up to
+        CONTROLS_PER_STEP controls; when idle, wait for the first item (1 s at most: heartbeat)."""
+        requests, controls = self.inbox.take(1.0 if block else 0.0, CONTROLS_PER_STEP)
+        for kind, item in [("request", r) for r in requests] + controls:
             try:
                 if kind == "request":
                     self._accept(item)
@@ -246,7 +293,7 @@ class AgentServer:
                 job.abort = (P.INTERNAL, f"the backend failed: {type(e).__name__}")
                 if not self.generator.cancel(job.key):
                     self._fail(job, P.INTERNAL, job.abort[1])
-            self.generator = BatchGenerator(self.backend, self.tokenizer)
+            self.generator = self._new_generator()
 
     def _on_text(self, key: int, delta: str):
         job = self.jobs[key]
@@ -357,3 +404,9 @@ class AgentServer:
     def _count_error(self, code: str):
         with self._lock:
             self.counters["errors"][code] = self.counters["errors"].get(code, 0) + 1
+
+
+def _bundle_chunk(info: dict) -> int | None:
+    """The prefill chunk a bundle's device profile chose (manifest key prefill_chunk), if it states one."""
+    value = info.get("prefill_chunk")
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 1 else None

@@ -111,6 +111,7 @@ class EchoBackend:
         self.vocab, self.max_batch, self.max_seq, self.eos = vocab, max_batch, max_seq, eos
         self.delay_s, self.repeat = delay_s, repeat
         self.scripts: dict[int, list[int]] = {}
+        self.prompts: dict[int, list[int]] = {}
         self.decode_sizes: list[int] = []
         self._onehot = np.full((vocab, vocab), -10.0, np.float32)
         np.fill_diagonal(self._onehot, 10.0)
@@ -120,8 +121,9 @@ class EchoBackend:
         script = self.scripts.get(row)
         return script.pop(0) if script else self.eos
 
-    def prefill(self, row, ids):
-        self.scripts[row] = [int(i) for i in ids[1:]] * self.repeat
+    def prefill(self, row, ids, start=0):
+        self.prompts[row] = self.prompts.get(row, [])[:start] + [int(i) for i in ids]  # chunks add up
+        self.scripts[row] = self.prompts[row][1:] * self.repeat
         return self._onehot[self._next(row)]
 
     def decode(self, tokens, positions):

@@ -19,6 +19,10 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from trt_plugins import plans
+from trt_plugins.attention.config import InfLLMv2Config
+from trt_plugins.plans import KernelConfig
+
 PTX_VERSION = 85
 ACCEPTED_SPILLS = Path(__file__).with_name("accepted_spills.json")
 
@@ -32,21 +36,6 @@ DTYPES = ("fp16", "bf16")
 TERNARY_GROUPS = (0, 32, 64, 128)  # 0: one scale per row (or per tensor)
 SPARSE_RATIO = 4                   # block_size / kernel_stride of the published (and the tiny) sparse_config
 SELECT_WIDTHS = tuple(2**i for i in range(4, 13))  # score rows of 16 .. 4096 blocks (contexts up to 256K)
-
-
-@dataclass(frozen=True)
-class KernelConfig:
-    kernel: str                      # function name in its kernels module
-    module: str                      # "attention" or "ternary"
-    dtype: str
-    constexprs: tuple = ()           # ((name, value), ...)
-    num_warps: int = 4
-
-    @property
-    def name(self) -> str:
-        parts = [self.kernel, self.dtype] + [f"{k.lower()}{int(v)}" for k, v in self.constexprs
-                                              if k not in ("UPCAST", "GROUP_PAD")]
-        return "_".join(parts)
 
 
 @dataclass
@@ -69,40 +58,26 @@ def parse_targets(text: str) -> list[Target]:
 
 
 def engine_configs(shapes=ATTENTION_SHAPES, dtypes=DTYPES) -> list[KernelConfig]:
-    """Every configuration the engines launch."""
-    from trt_plugins.attention.kernels import STAGE1_BLOCK_J, STAGE1_WARPS, attention_warps, group_pad
-    from trt_plugins.attention.selection import COMPRESS_BLOCK_J, SELECT_WARPS
-    from trt_plugins.ternary.kernels import CONFIGS as TERNARY_LAUNCHES
+    """Every configuration the engines launch: collected from the plugins' own plans (plans.py) for each
+    attention shape, dtype, selection width and ternary scale layout, so nothing launched is left uncompiled."""
+    configs: dict[str, KernelConfig] = {}
 
-    configs: list[KernelConfig] = []
-    seen = set()
+    def add(plan):
+        for launch in plan.launches:
+            configs.setdefault(launch.config.name, launch.config)
+
     for _, head_dim, group, block in shapes:
+        sparse = InfLLMv2Config(kernel_size=2 * block // SPARSE_RATIO, kernel_stride=block // SPARSE_RATIO,
+                                block_size=block, window_size=block, topk=2, dense_len=0)
         for dtype in dtypes:
-            for dense in (True, False):
-                cfg = KernelConfig("block_attention_kernel", "attention", dtype, (
-                    ("GROUP", group), ("GROUP_PAD", group_pad(group)), ("HEAD_DIM", head_dim),
-                    ("BLOCK_N", block), ("DENSE", dense), ("UPCAST", False)), attention_warps(head_dim))
-                configs.append(cfg)
-            cfg = KernelConfig("stage1_scores_kernel", "attention", dtype, (
-                ("GROUP", group), ("GROUP_PAD", group_pad(group)), ("HEAD_DIM", head_dim), ("BLOCK_J", STAGE1_BLOCK_J)), STAGE1_WARPS)
-            if cfg.name not in seen:
-                seen.add(cfg.name)
-                configs.append(cfg)
-    for dtype in dtypes:
-        for head_dim in sorted({shape[1] for shape in shapes}):
-            configs.append(KernelConfig("cache_write_kernel", "attention", dtype, (("HEAD_DIM", head_dim),), 1))
-            configs.append(KernelConfig("compress_keys_kernel", "selection", dtype,
-                                        (("HEAD_DIM", head_dim), ("BLOCK_J", COMPRESS_BLOCK_J))))
-    for ratio in sorted({SPARSE_RATIO}):
-        for nb_pad in SELECT_WIDTHS:
-            configs.append(KernelConfig("select_blocks_kernel", "selection", "fp32",
-                                        (("RATIO", ratio), ("NB_PAD", nb_pad)), SELECT_WARPS))
+            shape = plans.AttentionShape(1, 1, group, 1, 16 * block, head_dim)
+            add(plans.attention_plan(shape, dtype, None))
+            for width in SELECT_WIDTHS:  # cache capacities whose block count needs each compiled row width
+                add(plans.attention_plan(plans.AttentionShape(1, 1, group, 1, width * block, head_dim), dtype, sparse))
     for dtype in dtypes:
         for group in TERNARY_GROUPS:
-            for block_m, block_n, warps in TERNARY_LAUNCHES:
-                configs.append(KernelConfig("ternary_matmul_kernel", "ternary", dtype, (
-                    ("GROUP", group), ("BLOCK_M", block_m), ("BLOCK_N", block_n), ("UPCAST", False)), warps))
-    return configs
+            add(plans.ternary_plan(1, 64, 128, 32, 1 if group == 0 else 128 // group, group, dtype))
+    return list(configs.values())
 
 
 # Argument lists: name -> type; "*T" pointers of the activation dtype, "1" an innermost stride fixed to 1.
@@ -117,25 +92,27 @@ SIGNATURES = {
         ("stride_pb", "i32"), ("stride_pt", "1"),
         ("stride_ib", "i32"), ("stride_ih", "i32"), ("stride_it", "i32"), ("stride_ii", "1"),
         ("stride_cb", "i32"), ("stride_ch", "i32"), ("stride_ct", "1"),
-        ("n_kv_heads", "i32"), ("scale", "fp32")],
+        ("n_kv_heads", "i32"), ("n_tokens", "i32"), ("dense_len", "i32"), ("scale", "fp32")],
     "stage1_scores_kernel": [
         ("Q", "*T"), ("KC", "*fp32"), ("POS", "*i64"), ("OUT", "*fp32"),
         ("stride_qb", "i32"), ("stride_qh", "i32"), ("stride_qt", "i32"), ("stride_qd", "1"),
         ("stride_kb", "i32"), ("stride_kh", "i32"), ("stride_kj", "i32"), ("stride_kd", "1"),
         ("stride_pb", "i32"), ("stride_pt", "1"),
         ("stride_ob", "i32"), ("stride_oh", "i32"), ("stride_ot", "i32"), ("stride_oj", "1"),
-        ("n_kv_heads", "i32"), ("n_kernels", "i32"), ("kernel_size", "i32"), ("kernel_stride", "i32"),
-        ("scale", "fp32")],
+        ("n_kv_heads", "i32"), ("n_kernels", "i32"), ("n_tokens", "i32"), ("kernel_size", "i32"),
+        ("kernel_stride", "i32"), ("dense_len", "i32"), ("scale", "fp32")],
     "cache_write_kernel": [
         ("NEW", "*T"), ("CACHE", "*T"), ("POS", "*i64"),
         ("stride_nb", "i32"), ("stride_nt", "i32"), ("stride_nh", "i32"), ("stride_nd", "1"),
         ("stride_cb", "i32"), ("stride_ch", "i32"), ("stride_cs", "i32"), ("stride_cd", "1"),
         ("stride_pb", "i32"), ("stride_pt", "1"), ("n_kv_heads", "i32")],
     "compress_keys_kernel": [
-        ("K", "*T"), ("KC", "*fp32"),
+        ("K", "*T"), ("KC", "*fp32"), ("POS", "*i64"),
         ("stride_kb", "i32"), ("stride_kh", "i32"), ("stride_ks", "i32"), ("stride_kd", "1"),
         ("stride_cb", "i32"), ("stride_ch", "i32"), ("stride_cj", "i32"), ("stride_cd", "1"),
-        ("n_kv_heads", "i32"), ("n_kernels", "i32"), ("kernel_size", "i32"), ("kernel_stride", "i32")],
+        ("stride_pb", "i32"), ("stride_pt", "1"),
+        ("n_kv_heads", "i32"), ("n_kernels", "i32"), ("n_tokens", "i32"), ("kernel_size", "i32"),
+        ("kernel_stride", "i32")],
     "select_blocks_kernel": [
         ("S", "*fp32"), ("POS", "*i64"), ("IDX", "*i32"), ("CNT", "*i32"),
         ("stride_sb", "i32"), ("stride_sh", "i32"), ("stride_st", "i32"), ("stride_sj", "1"),
@@ -143,8 +120,8 @@ SIGNATURES = {
         ("stride_ib", "i32"), ("stride_ih", "i32"), ("stride_it", "i32"), ("stride_ii", "1"),
         ("stride_cb", "i32"), ("stride_ch", "i32"), ("stride_ct", "1"),
         ("n_kv_heads", "i32"), ("n_kernels", "i32"), ("n_tokens", "i32"), ("n_blocks", "i32"),
-        ("block_size", "i32"), ("init_blocks", "i32"), ("window_blocks", "i32"), ("n_pick", "i32"),
-        ("dense_len", "i32")],
+        ("block_size", "i32"), ("kernel_size", "i32"), ("kernel_stride", "i32"), ("init_blocks", "i32"),
+        ("window_blocks", "i32"), ("n_pick", "i32"), ("dense_len", "i32")],
     "ternary_matmul_kernel": [
         ("X", "*T"), ("P", "*u8"), ("S", "*fp32"), ("Y", "*T"), ("M", "i32"), ("N", "i32"), ("K", "i32"),
         ("n_tiles", "i32"),
@@ -252,6 +229,8 @@ def compile_all(targets: list[Target], out_dir: Path, configs: list[KernelConfig
                      "entry": kernel.metadata.name, "shared_bytes": kernel.metadata.shared,
                      "cubin_sha256": hashlib.sha256(kernel.asm["cubin"]).hexdigest(),
                      "args": [a for a, kind in SIGNATURES[cfg.kernel] if kind != "1"],
+                     "arg_types": [kind.replace("T", cfg.dtype) for _, kind in SIGNATURES[cfg.kernel] if kind != "1"],
+                     "profile_scratch_size": getattr(kernel.metadata, "profile_scratch_size", 0),
                      "threads": 32 * cfg.num_warps,
                      "global_scratch_size": getattr(kernel.metadata, "global_scratch_size", 0),
                      "params": len(re.findall(rf"\.param [^\n]*{kernel.metadata.name}_param_\d+", kernel.asm["ptx"])),

@@ -13,32 +13,14 @@ Runs on CUDA, or on CPU tensors with TRITON_INTERPRET=1 (the tests).
 """
 from __future__ import annotations
 
-import math
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-from trt_plugins.attention.reference import InfLLMv2Config, dense_rows
-
-MIN_DOT = 16  # tl.dot needs M, N, K >= 16
-# Kernels scored per stage-1 iteration: 64 needs 255 registers and spills at head_dim 128 on sm_87; 32 does
-# not (168 registers), measured with ptxas by `cpm-edge kernels compile`.
-STAGE1_BLOCK_J = 32
-STAGE1_WARPS = 8  # with 4 warps the head_dim-128 variant spills 96 bytes on sm_90 (ptxas)
-# Triton's interpreter (3.9) computes tl.dot on bf16 operands wrongly (it reads the raw bits); under the
-# interpreter the kernels upcast their dot operands to fp32. On a GPU the operands keep their dtype.
-UPCAST_DOTS = os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def attention_warps(head_dim: int) -> int:
-    """Warps of block_attention_kernel: at head_dim 128 four warps spill on sm_87 (ptxas), eight do not."""
-    return 8 if head_dim >= 128 else 4
-
-
-def group_pad(group: int) -> int:
-    return max(MIN_DOT, triton.next_power_of_2(group))
+from trt_plugins import plans
+from trt_plugins.attention.reference import InfLLMv2Config
+from trt_plugins.executors import DTYPE_NAMES, run_launch, run_triton
+from trt_plugins.plans import Ptr
 
 
 @triton.jit
@@ -48,43 +30,47 @@ def stage1_scores_kernel(
         stride_kb, stride_kh, stride_kj, stride_kd,
         stride_pb, stride_pt,
         stride_ob, stride_oh, stride_ot, stride_oj,
-        n_kv_heads, n_kernels, kernel_size, kernel_stride, scale,
+        n_kv_heads, n_kernels, n_tokens, kernel_size, kernel_stride, dense_len, scale,
         GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_J: tl.constexpr):
-    """OUT[b, h, t, j] = sum over the group's heads of softmax_j(q . kc[j] * scale), 0 where invisible."""
+    """OUT[b, h, t, j] = sum over the group's heads of softmax_j(q . kc[j] * scale) for the visible kernels
+    j < n_vis(pos); slots past n_vis are not written (the selection reads only visible ones). A row whose kv
+    length (its last position + 1) is below dense_len attends densely: nothing to score, the program exits."""
     t = tl.program_id(0)
     b = tl.program_id(1) // n_kv_heads
     h = tl.program_id(1) % n_kv_heads
     pos = tl.load(POS + b * stride_pb + t * stride_pt)
-    n_vis = tl.where(pos >= kernel_size - 1, (pos - kernel_size + 1) // kernel_stride + 1, 0)
-    n_vis = tl.minimum(n_vis, n_kernels)
+    last = tl.load(POS + b * stride_pb + (n_tokens - 1) * stride_pt)
+    if last + 1 >= dense_len:
+        n_vis = tl.where(pos >= kernel_size - 1, (pos - kernel_size + 1) // kernel_stride + 1, 0)
+        n_vis = tl.minimum(n_vis, n_kernels)
 
-    g = tl.arange(0, GROUP_PAD)
-    d = tl.arange(0, HEAD_DIM)
-    q = tl.load(Q + b * stride_qb + (h * GROUP + g)[:, None] * stride_qh + t * stride_qt + d[None, :] * stride_qd,
-                mask=g[:, None] < GROUP, other=0.0).to(tl.float32)
-    kc_base = KC + b * stride_kb + h * stride_kh + d[None, :] * stride_kd
+        g = tl.arange(0, GROUP_PAD)
+        d = tl.arange(0, HEAD_DIM)
+        q = tl.load(Q + b * stride_qb + (h * GROUP + g)[:, None] * stride_qh + t * stride_qt + d[None, :] * stride_qd,
+                    mask=g[:, None] < GROUP, other=0.0).to(tl.float32)
+        kc_base = KC + b * stride_kb + h * stride_kh + d[None, :] * stride_kd
 
-    # Pass 1: softmax statistics per head over the visible kernels (online max and sum).
-    m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
-    l = tl.zeros([GROUP_PAD], tl.float32)
-    for j0 in range(0, n_vis, BLOCK_J):
-        j = j0 + tl.arange(0, BLOCK_J)
-        kc = tl.load(kc_base + j[:, None] * stride_kj, mask=j[:, None] < n_vis, other=0.0)
-        s = tl.dot(q, tl.trans(kc), input_precision="ieee") * scale  # (GROUP_PAD, BLOCK_J)
-        s = tl.where(j[None, :] < n_vis, s, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, axis=1))
-        l = l * tl.exp(m - m_new) + tl.sum(tl.exp(s - m_new[:, None]), axis=1)
-        m = m_new
+        # Pass 1: softmax statistics per head over the visible kernels (online max and sum).
+        m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+        l = tl.zeros([GROUP_PAD], tl.float32)
+        for j0 in range(0, n_vis, BLOCK_J):
+            j = j0 + tl.arange(0, BLOCK_J)
+            kc = tl.load(kc_base + j[:, None] * stride_kj, mask=j[:, None] < n_vis, other=0.0)
+            s = tl.dot(q, tl.trans(kc), input_precision="ieee") * scale  # (GROUP_PAD, BLOCK_J)
+            s = tl.where(j[None, :] < n_vis, s, float("-inf"))
+            m_new = tl.maximum(m, tl.max(s, axis=1))
+            l = l * tl.exp(m - m_new) + tl.sum(tl.exp(s - m_new[:, None]), axis=1)
+            m = m_new
 
-    # Pass 2: probabilities summed over the group's heads; every kernel slot is written (0 if invisible).
-    out_base = OUT + b * stride_ob + h * stride_oh + t * stride_ot
-    for j0 in range(0, n_kernels, BLOCK_J):
-        j = j0 + tl.arange(0, BLOCK_J)
-        kc = tl.load(kc_base + j[:, None] * stride_kj, mask=j[:, None] < n_vis, other=0.0)
-        s = tl.dot(q, tl.trans(kc), input_precision="ieee") * scale
-        p = tl.exp(s - m[:, None]) / l[:, None]
-        p = tl.where((g[:, None] < GROUP) & (j[None, :] < n_vis), p, 0.0)
-        tl.store(out_base + j * stride_oj, tl.sum(p, axis=0), mask=j < n_kernels)
+        # Pass 2: probabilities summed over the group's heads, for the visible kernels.
+        out_base = OUT + b * stride_ob + h * stride_oh + t * stride_ot
+        for j0 in range(0, n_vis, BLOCK_J):
+            j = j0 + tl.arange(0, BLOCK_J)
+            kc = tl.load(kc_base + j[:, None] * stride_kj, mask=j[:, None] < n_vis, other=0.0)
+            s = tl.dot(q, tl.trans(kc), input_precision="ieee") * scale
+            p = tl.exp(s - m[:, None]) / l[:, None]
+            p = tl.where((g[:, None] < GROUP) & (j[None, :] < n_vis), p, 0.0)
+            tl.store(out_base + j * stride_oj, tl.sum(p, axis=0), mask=j < n_vis)
 
 
 @triton.jit
@@ -97,13 +83,15 @@ def block_attention_kernel(
         stride_pb, stride_pt,
         stride_ib, stride_ih, stride_it, stride_ii,
         stride_cb, stride_ch, stride_ct,
-        n_kv_heads, scale,
+        n_kv_heads, n_tokens, dense_len, scale,
         GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
         DENSE: tl.constexpr, UPCAST: tl.constexpr):
     """Flash attention of one query token (all heads of its GQA group) over a list of key blocks.
 
-    DENSE: visit blocks 0 .. pos // BLOCK_N; else the BLOCK_CNT[b, h, t] blocks listed in BLOCK_IDX.
-    Keys past the query's position are masked inside each block (token-level causality).
+    DENSE: visit blocks 0 .. pos // BLOCK_N; else the BLOCK_CNT[b, h, t] blocks listed in BLOCK_IDX, except
+    for a row whose kv length (last position + 1) is below dense_len, which visits every block up to its own
+    (InfLLM v2's dense short contexts; its selection kernels exited without writing). Keys past the query's
+    position are masked inside each block (token-level causality).
     """
     t = tl.program_id(0)
     b = tl.program_id(1) // n_kv_heads
@@ -124,15 +112,15 @@ def block_attention_kernel(
     l = tl.zeros([GROUP_PAD], tl.float32)
     acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
     if DENSE:
-        count = pos // BLOCK_N + 1
+        listed = pos < 0  # never: every block up to the query's own
     else:
-        count = tl.load(BLOCK_CNT + b * stride_cb + h * stride_ch + t * stride_ct)
+        last = tl.load(POS + b * stride_pb + (n_tokens - 1) * stride_pt)
+        listed = last + 1 >= dense_len
+    listed_count = tl.load(BLOCK_CNT + b * stride_cb + h * stride_ch + t * stride_ct, mask=listed, other=0)
+    count = tl.where(listed, listed_count.to(tl.int64), pos // BLOCK_N + 1)
     idx_base = BLOCK_IDX + b * stride_ib + h * stride_ih + t * stride_it
     for i in range(0, count):
-        if DENSE:
-            block = i
-        else:
-            block = tl.load(idx_base + i * stride_ii)
+        block = tl.where(listed, tl.load(idx_base + i * stride_ii, mask=listed, other=0).to(tl.int64), i)
         keys = block * BLOCK_N + n
         visible = keys <= pos
         k = tl.load(k_base + keys[:, None] * stride_ks, mask=visible[:, None], other=0.0)
@@ -177,8 +165,10 @@ def write_cache_(cache: torch.Tensor, new: torch.Tensor, positions: torch.Tensor
     """In-place Triton version of trt_plugins.ops.write_cache: cache (B, Hkv, S, D), new (B, T, Hkv, D)."""
     B, T, Hkv, D = new.shape
     pos = positions.to(torch.int64).contiguous()
-    cache_write_kernel[(T, B * Hkv)](new, cache, pos, *new.stride(), *cache.stride(), *pos.stride(), Hkv,
-                                     HEAD_DIM=D)
+    launch = plans.cache_write_launch(Ptr("new"), new.stride(), Ptr("cache"), cache.stride(), Ptr("pos"),
+                                      pos.stride(), batch=B, tokens=T, kv_heads=Hkv, head_dim=D,
+                                      dtype=DTYPE_NAMES[cache.dtype])
+    run_launch(launch, {"new": new, "cache": cache, "pos": pos})
     return cache
 
 
@@ -195,66 +185,84 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tenso
 
 
 def stage1_scores(q: torch.Tensor, kc: torch.Tensor, q_pos: torch.Tensor, cfg: InfLLMv2Config) -> torch.Tensor:
-    """Triton version of reference.stage1_scores: (B, Hkv, T, NK) fp32."""
+    """Triton version of reference.stage1_scores: (B, Hkv, T, NK) fp32, 0 where a kernel is not visible.
+    Rows below cfg.dense_len are not scored (zeros): they attend densely."""
     B, H, T, D = q.shape
     Hkv, NK = kc.shape[1], kc.shape[2]
-    out = torch.empty(B, Hkv, T, NK, device=q.device, dtype=torch.float32)
+    out = torch.zeros(B, Hkv, T, NK, device=q.device, dtype=torch.float32)
     if NK == 0:
         return out
     pos = q_pos.to(torch.int64).contiguous()  # int64, as the ONNX graph carries them
-    stage1_scores_kernel[(T, B * Hkv)](
-        q, kc, pos, out, *q.stride(), *kc.stride(), *pos.stride(), *out.stride(),
-        Hkv, NK, cfg.kernel_size, cfg.kernel_stride, 1.0 / math.sqrt(D),
-        GROUP=H // Hkv, GROUP_PAD=group_pad(H // Hkv), HEAD_DIM=D, BLOCK_J=STAGE1_BLOCK_J,
-        num_warps=STAGE1_WARPS)
+    launch = plans.stage1_launch(Ptr("q"), q.stride(), Ptr("kc"), kc.stride(), Ptr("pos"), pos.stride(), Ptr("out"),
+                                 out.stride(), batch=B, tokens=T, kv_heads=Hkv, group=H // Hkv, head_dim=D,
+                                 kernels=NK, dtype=DTYPE_NAMES[q.dtype], cfg=cfg)
+    run_launch(launch, {"q": q, "kc": kc, "pos": pos, "out": out})
     return out
 
 
 def block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor,
                     block_size: int, block_mask: torch.Tensor | None = None,
-                    block_list: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                    block_list: tuple[torch.Tensor, torch.Tensor] | None = None, dense_len: int = 0) -> torch.Tensor:
     """Attention over the selected blocks — a mask (B, Hkv, T, NB) or a list (indices ascending, counts) as
-    selection.select_blocks makes it — or dense causal attention when neither is given."""
+    selection.select_blocks makes it — or dense causal attention when neither is given. With a list, rows
+    whose kv length is below dense_len attend densely (their list is not read)."""
     _check(q, k, v, q_pos)
     B, H, T, D = q.shape
     Hkv = k.shape[1]
     out = torch.empty_like(q)
     pos = q_pos.to(torch.int64).contiguous()  # int64, as the ONNX graph carries them
-    dense = block_mask is None and block_list is None
-    if block_list is not None:
-        idx, cnt = block_list
-    elif block_mask is not None:
+    tensors = {"q": q, "k": k, "v": v, "out": out, "positions": pos}
+    if block_mask is not None:
         NB = block_mask.shape[-1]
         cnt = block_mask.sum(-1, dtype=torch.int32)  # (B, Hkv, T)
         width = max(int(cnt.max()), 1)
         order = torch.where(block_mask, torch.arange(NB, device=q.device), NB)
         idx = torch.sort(order, dim=-1).values[..., :width].to(torch.int32).contiguous()  # ascending blocks
+        block_list, dense_len = (idx, cnt), 0
+    if block_list is not None:
+        tensors["idx"], tensors["cnt"] = block_list
+        lists = (Ptr("idx"), block_list[0].stride(), Ptr("cnt"), block_list[1].stride())
     else:
-        idx = torch.zeros(1, 1, 1, 1, dtype=torch.int32, device=q.device)
-        cnt = idx[..., 0]
-    block_attention_kernel[(T, B * Hkv)](
-        q, k, v, out, pos, idx, cnt,
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *pos.stride(), *idx.stride(), *cnt.stride(),
-        Hkv, 1.0 / math.sqrt(D),
-        GROUP=H // Hkv, GROUP_PAD=group_pad(H // Hkv), HEAD_DIM=D, BLOCK_N=block_size,
-        DENSE=dense, UPCAST=UPCAST_DOTS, num_warps=attention_warps(D))
+        lists = (None, None, None, None)
+    launch = plans.block_attention_launch(
+        Ptr("q"), q.stride(), Ptr("k"), k.stride(), Ptr("v"), v.stride(), Ptr("out"), out.stride(), Ptr("positions"),
+        pos.stride(), *lists, batch=B, tokens=T, kv_heads=Hkv, group=H // Hkv, head_dim=D, block_size=block_size,
+        dense_len=dense_len, dtype=DTYPE_NAMES[q.dtype])
+    run_launch(launch, tensors)
     return out
 
 
-def dense_attention(q, k, v, q_pos, block_size: int = 64):
+def dense_attention(q, k, v, q_pos, block_size: int = plans.DENSE_BLOCK_N):
     """Dense causal GQA attention with the block kernel (every block up to the query's own)."""
     return block_attention(q, k, v, q_pos, block_size)
 
 
 def infllm_v2_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor,
                         cfg: InfLLMv2Config) -> torch.Tensor:
-    """reference.infllm_v2_attention_ref, every step a Triton kernel (as the TensorRT plugin runs it)."""
+    """reference.infllm_v2_attention_ref over a whole key cache, every step a Triton kernel: compression of
+    every kernel the rows' positions have completed, then the plugin's per-chunk stage 1, selection and block
+    attention (rows below dense_len attend densely)."""
     from trt_plugins.attention import selection
 
     _check(q, k, v, q_pos)
-    if bool(dense_rows(q_pos, cfg).all()):
-        return block_attention(q, k, v, q_pos, cfg.block_size)
     n_blocks = -(-k.shape[2] // cfg.block_size)
     scores = stage1_scores(q, selection.compress_keys(k, cfg), q_pos, cfg)
     block_list = selection.select_blocks(scores, q_pos, cfg, n_blocks)
-    return block_attention(q, k, v, q_pos, cfg.block_size, block_list=block_list)
+    return block_attention(q, k, v, q_pos, cfg.block_size, block_list=block_list, dense_len=cfg.dense_len)
+
+
+def cpm_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                  positions: torch.Tensor, kc: torch.Tensor | None, sparse: InfLLMv2Config | None) -> torch.Tensor:
+    """The CpmAttention plugin's plan, executed with the Triton kernels: q (B, T, H*D), k, v (B, T, Hkv*D),
+    caches (B, Hkv, S, D) and kc (B, Hkv, NK, D) fp32 updated in place; returns out (B, T, H*D)."""
+    B, T, HD = q.shape
+    _, Hkv, S, D = k_cache.shape
+    shape = plans.AttentionShape(B, T, HD // D, Hkv, S, D)
+    plan = plans.attention_plan(shape, DTYPE_NAMES[q.dtype], sparse)
+    out = torch.empty_like(q)
+    tensors = {"q": q.contiguous(), "k": k.contiguous(), "v": v.contiguous(), "k_cache": k_cache,
+               "v_cache": v_cache, "positions": positions.to(torch.int64).contiguous(), "out": out}
+    if sparse is not None:
+        tensors["kc"] = kc
+    run_triton(plan, tensors)
+    return out

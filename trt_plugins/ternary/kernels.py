@@ -7,21 +7,13 @@ so unpacking is a shift and a mask, and each plane is one tl.dot (M padded to 16
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-from trt_plugins.ternary.reference import PLANE, TILE, PackedTernary
-
-UPCAST_DOTS = os.environ.get("TRITON_INTERPRET") == "1"  # the interpreter's bf16 tl.dot is wrong (3.9)
-
-# Launch configurations as data: (BLOCK_M, BLOCK_N, num_warps); the AOT compiler builds each. Larger M
-# tiles spill on sm_87 (255 registers + 100-700 bytes, measured with ptxas), so prefill runs M in tiles
-# of 16 and re-reads the (small, 2-bit) weight per tile.
-CONFIGS = [(16, 64, 4)]
-
+from trt_plugins import plans
+from trt_plugins.executors import DTYPE_NAMES, run_triton
+from trt_plugins.ternary.reference import PLANE, PackedTernary
 
 @triton.jit
 def ternary_matmul_kernel(
@@ -58,20 +50,17 @@ def ternary_matmul_kernel(
 
 
 def ternary_linear(x: torch.Tensor, p: PackedTernary) -> torch.Tensor:
-    """y = x @ W^T for x (..., K) in fp16/bf16/fp32; y has x's dtype."""
+    """y = x @ W^T for x (..., K) in fp16/bf16/fp32; y has x's dtype. The CpmTernaryGemm plugin's plan."""
     if x.shape[-1] != p.in_features:
         raise ValueError(f"x has {x.shape[-1]} features, the packed weight expects {p.in_features}")
     if p.layout.kind == "group" and p.layout.group_size % PLANE:
         raise ValueError(f"group size {p.layout.group_size} is not a multiple of {PLANE}")
-    x2 = x.reshape(-1, x.shape[-1])
+    x2 = x.reshape(-1, x.shape[-1]).contiguous()
     M, K = x2.shape
     N = p.out_features
+    scales = p.scales.reshape(N, -1).contiguous()  # per tensor / per row: one column
     y = torch.empty(M, N, device=x.device, dtype=x.dtype)
-    block_m, block_n, warps = CONFIGS[0]
-    grid = (triton.cdiv(N, block_n), triton.cdiv(M, block_m))
-    ternary_matmul_kernel[grid](
-        x2, p.packed, p.scales, y, M, N, K, p.packed.shape[1] * 4 // TILE,
-        *x2.stride(), *p.packed.stride(), *p.scales.stride(), *y.stride(),
-        GROUP=p.layout.group_size if p.layout.kind == "group" else 0,
-        BLOCK_M=block_m, BLOCK_N=block_n, UPCAST=UPCAST_DOTS, num_warps=warps)
+    plan = plans.ternary_plan(M, N, K, p.packed.shape[1], scales.shape[1],
+                              p.layout.group_size if p.layout.kind == "group" else 0, DTYPE_NAMES[x.dtype])
+    run_triton(plan, {"x": x2, "packed": p.packed.contiguous(), "scales": scales, "y": y})
     return y.reshape(*x.shape[:-1], N)

@@ -139,6 +139,21 @@ def tiny_tokenizer(tiny_dense):
     return Tokenizer(tiny_dense)
 
 
+@pytest.fixture(scope="session")
+def ort_export(tiny_models, tmp_path_factory):
+    """ort_export(variant) -> a portable fp32 export (max_seq 512) of a tiny model, made once per session."""
+    from export.onnx_export import ExportOptions, export
+
+    made = {}
+
+    def get(variant: str = "dense"):
+        if variant not in made:
+            out = tmp_path_factory.mktemp("ort") / variant
+            made[variant] = export(ExportOptions(tiny_models[variant], out, max_seq=512))
+        return made[variant]
+    return get
+
+
 @pytest.fixture
 def run_agent(tiny_tokenizer):
     """run_agent(broker_url, backend=None, **config) -> a serving Agent (stopped after the test)."""

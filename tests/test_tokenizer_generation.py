@@ -188,3 +188,61 @@ def test_cancel_frees_the_row_within_one_step(tok):
         pass
     assert done["b"][0].token_ids == [101] * 3 and done["b"][0].finish_reason == "stop"
     assert done["b"][0].time_to_first_token >= 0 and len(done) == 2
+
+
+# --- chunked prefill, on the exported model in ONNX Runtime ----------------------------------------------
+class Recording:
+    """A real backend with its calls written down: ("prefill", row, start, n) and ("decode", rows)."""
+
+    def __init__(self, backend):
+        self.backend, self.calls = backend, []
+        self.max_batch, self.max_seq = backend.max_batch, backend.max_seq
+
+    def prefill(self, row, ids, start=0):
+        self.calls.append(("prefill", row, start, len(ids)))
+        return self.backend.prefill(row, ids, start)
+
+    def decode(self, tokens, positions):
+        self.calls.append(("decode", len(tokens)))
+        return self.backend.decode(tokens, positions)
+
+
+@pytest.mark.parametrize("variant", ["dense", "sparse"])
+def test_chunked_prefill_gives_the_tokens_of_a_whole_prefill(ort_export, variant, seed):
+    """Greedy tokens of a long prompt (past the sparse model's dense_len) and two short ones, prefilled 16
+    tokens at a time between decode steps, equal each prompt prefilled whole and run alone; the short
+    prompts added after the long one get their first token first, and no prefill call exceeds the chunk."""
+    from agent.onnxruntime_backend import OnnxRuntimeBackend
+
+    export_dir = ort_export(variant)
+    tokenizer = Tokenizer(export_dir)
+    rng = random.Random(seed)
+    long = [1] + [rng.randrange(3, 500) for _ in range(rng.randint(200, 400))]
+    shorts = [[1] + [rng.randrange(3, 500) for _ in range(rng.randint(3, 30))] for _ in range(2)]
+    prompts = [long, *shorts]
+    params = [SamplingParams(max_tokens=rng.randint(8, 24))] + [SamplingParams(max_tokens=48) for _ in shorts]
+    alone = [generate(OnnxRuntimeBackend(export_dir, max_batch=1), tokenizer, [p], [sp])[0]
+             for p, sp in zip(prompts, params)]
+    backend = Recording(OnnxRuntimeBackend(export_dir, max_batch=3))
+    chunked = generate(backend, tokenizer, prompts, params, prefill_chunk=16)
+    assert [c.token_ids for c in chunked] == [a.token_ids for a in alone]
+    assert all(c.token_ids for c in chunked)
+
+    prefills = [(i, c) for i, c in enumerate(backend.calls) if c[0] == "prefill"]
+    assert all(n <= 16 for _, (_, _, _, n) in prefills)
+    long_calls = [(i, start, n) for i, (_, row, start, n) in prefills if row == 0]
+    assert [start for _, start, _ in long_calls] == list(np.cumsum([0] + [n for *_, n in long_calls[:-1]]))
+    assert sum(n for *_, n in long_calls) == len(long) and len(long_calls) >= len(long) // 16
+    last_short = max(i for i, (_, row, _, _) in prefills if row != 0)
+    assert last_short < long_calls[-1][0]  # the short prompts' first tokens came before the long one's
+    # while a short prompt was still running, every step of the long prefill also decoded it
+    short_steps = max(len(a.token_ids) - 1 + (a.finish_reason == "stop") for a in alone[1:])
+    between = backend.calls[long_calls[0][0]:long_calls[-1][0]]
+    assert sum(c[0] == "decode" for c in between) >= min(len(long_calls) - 1, short_steps) - 3
+
+
+def test_a_prefill_chunk_must_be_positive(tok):
+    from agent.generation import BatchGenerator
+
+    with pytest.raises(ValueError, match="prefill_chunk"):
+        BatchGenerator(ScriptedBackend({}), tok, prefill_chunk=0)

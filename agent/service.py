@@ -97,5 +97,9 @@ class Agent:
 
 
 def _public(info: dict) -> dict:
-    """Bundle facts safe to publish in the retained status (short scalars only)."""
-    return {k: v for k, v in info.items() if isinstance(v, (str, int, float, bool)) and len(str(v)) <= 200}
+    """Bundle facts safe to publish in the retained status (short scalars only). The status's own keys win:
+    a bundle manifest's `device` (the profile it was made for) is published as `profile`."""
+    facts = {k: v for k, v in info.items() if isinstance(v, (str, int, float, bool)) and len(str(v)) <= 200}
+    if "device" in facts:
+        facts["profile"] = facts.pop("device")
+    return {k: v for k, v in facts.items() if k not in ("state", "protocol", "time")}

@@ -57,10 +57,13 @@ def agent_arguments(p: argparse.ArgumentParser):
                    help="cache rows: requests decoded together (4; an engine bundle fixes its own)")
     p.add_argument("--max-seq", type=_positive_int, help="positions per row (default: the bundle's; 1024 for "
                                                          "--torch-model)")
+    p.add_argument("--state-dir", help="writable folder for what the device makes itself (engines built here); "
+                                       "the systemd unit passes its StateDirectory, /var/lib/cpm-edge")
 
 
 def agent(args) -> int:
     import logging
+    import os
     import signal
 
     from agent.config import AgentConfig
@@ -75,6 +78,9 @@ def agent(args) -> int:
         max_wait_s=args.max_wait, telemetry_s=args.telemetry, session_expiry_s=args.session_expiry).validate()
     if args.bundle and not Path(args.bundle).is_dir():
         raise AgentInputError(f"--bundle {args.bundle}: folder not found")
+    if args.state_dir and not (Path(args.state_dir).is_dir() and os.access(args.state_dir, os.W_OK | os.X_OK)):
+        raise AgentInputError(f"--state-dir {args.state_dir}: not a writable folder (the unit's StateDirectory= "
+                              f"makes it; by hand: mkdir -p it, owned by the agent's user)")
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())

@@ -11,7 +11,7 @@ BUILD      ?= build
 TARGETS    ?= sm_87,sm_89,sm_90
 SETUP_STAMP := $(VENV)/.setup-$(shell echo "$(TORCH_SPEC) $(EXTRAS)" | cksum | cut -d' ' -f1)
 
-.PHONY: setup mosquitto test demo kernels engine flash test-device bench-kernels bench-agent bench-cpu clean help
+.PHONY: setup mosquitto systemd test demo kernels engine flash test-device bench-kernels bench-agent bench-cpu clean help
 
 help:
 	@echo "make demo    tiny MiniCPM4 model -> streamed answer (CPU, no downloads of models)"
@@ -22,7 +22,15 @@ help:
 	@echo "make bench-agent     MQTT agent: requests/s and its own overhead on a loopback Mosquitto"
 	@echo "make bench-cpu       onnxruntime backend vs llama.cpp (same fp32 weights): decode tokens/s, peak memory"
 
-setup: mosquitto $(SETUP_STAMP)
+setup: mosquitto systemd $(SETUP_STAMP)
+
+# tests/test_flash.py checks the flashed unit with the real `systemd-analyze verify` (Debian's systemd package;
+# installing it does not start systemd in a container).
+systemd:
+	@if command -v systemd-analyze >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq systemd; \
+	else echo "note: systemd-analyze is not installed (sudo apt-get install systemd); the unit check skips"; fi
 
 # The agent's tests run a real Mosquitto; as root on Debian/Ubuntu it is installed here, else say how.
 mosquitto:
@@ -56,8 +64,9 @@ engine: setup
 	$(CPM) engine --device $(DEVICE) $(if $(MODEL),--model $(MODEL)) --out $(BUILD)/engines/$(DEVICE) --force
 
 flash: setup
-	@test -n "$(DEVICE)" -a -n "$(HOST)" || { echo "make flash: set DEVICE=<profile> and HOST=user@host or HOST=local:/folder"; exit 2; }
-	$(CPM) flash --bundle $(BUILD)/engines/$(DEVICE) --host $(HOST) $(if $(BROKER),--broker $(BROKER))
+	@test -n "$(DEVICE)" -a -n "$(HOST)" || { echo "make flash: set DEVICE=<profile> and HOST=user@host or HOST=local:ROOT (ROOT: the device's /)"; exit 2; }
+	$(CPM) flash --bundle $(BUILD)/engines/$(DEVICE) --host $(HOST) $(if $(BROKER),--broker $(BROKER)) \
+		$(if $(DEVICE_ID),--device-id $(DEVICE_ID)) $(if $(CA_FILE),--ca-file $(CA_FILE)) $(FLASH_FLAGS)
 
 # On the device (no torch there): the flashed agent checks golden answers and speed floors.
 CPM_DEVICE ?= /opt/cpm-edge/.venv/bin/cpm-edge

@@ -18,6 +18,19 @@ def engine_arguments(p: argparse.ArgumentParser):
     p.add_argument("--out", help="bundle folder to create (default build/engines/DEVICE)")
     p.add_argument("--bundle", help="with build: the bundle folder on the device")
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
+    p.add_argument("--context", type=_context, help="positions per row (default: the profile's max_context); beyond "
+                                                    "the model's own (32K for MiniCPM4-8B) the published InfLLM v2 "
+                                                    "and LongRoPE settings are applied, up to 131072")
+
+
+def _context(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of positions") from None
+    if value < 16:
+        raise argparse.ArgumentTypeError(f"{value}: at least 16 positions")
+    return value
 
 
 def progress(stage: str):
@@ -36,7 +49,7 @@ def engine(args) -> int:
 
     out = Path(args.out or f"build/engines/{Path(args.device).stem}")
     start = time.perf_counter()
-    manifest = make_bundle(BundleOptions(args.device, out, args.model, args.force),
+    manifest = make_bundle(BundleOptions(args.device, out, args.model, args.force, args.context),
                            lambda model_dir: Tokenizer(model_dir).encode, progress)
     status = ("engine built" if manifest["engine"] else "no engine: ONNX Runtime runs model.onnx"
               if manifest.get("backend") == "onnxruntime" else

@@ -9,12 +9,13 @@ import argparse
 import logging
 import sys
 
-from cli import (agent_commands, engine_commands, export_commands, flash_commands, kernel_commands,
-                 model_commands)
+from cli import (agent_commands, device_commands, engine_commands, export_commands, flash_commands,
+                 kernel_commands, model_commands)
 
 # Each command module registers (name, add_arguments, run, help); run imports what it needs.
 SUBCOMMANDS = [*model_commands.COMMANDS, *export_commands.COMMANDS, *kernel_commands.COMMANDS,
-               *engine_commands.COMMANDS, *flash_commands.COMMANDS, *agent_commands.COMMANDS]
+               *engine_commands.COMMANDS, *flash_commands.COMMANDS, *device_commands.COMMANDS,
+               *agent_commands.COMMANDS]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -16,9 +16,11 @@ on a Jetson) -> bundle:
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from export.checkpoint import AtomicDir, CheckpointError, file_sha256, load_config, load_model
-from export.profiles import DeviceProfile, load_profile, plan_for
+from export.profiles import DeviceProfile, expectations, load_profile, plan_for, speed_model
 
 FORMAT_VERSION = 1
 GOLDEN_PROMPTS = ("The robot arm picks up", "Hello! How are you today?", "Sparse attention reads only")
@@ -101,6 +103,7 @@ class BundleOptions:
     out: Path
     model: str | None = None
     overwrite: bool = False
+    context: int | None = None  # positions per row; None: the profile's max_context
 
 
 def golden_cases(model_dir: Path, config, out: Path, sparse: bool, encode):
@@ -147,6 +150,54 @@ def write_manifest(folder: Path, fields: dict):
     return manifest
 
 
+def bundle_plan(opts: BundleOptions):
+    """(profile, model name, model folder, config overrides, config, memory plan) for these options; refuses
+    (ProfileError / CheckpointError, exit 2) a model or context that does not fit, with the plan."""
+    from export.checkpoint import read_json
+    from export.long_context import config_with, overrides_for
+
+    profile = load_profile(opts.device)
+    model_name = opts.model or profile.default_model
+    model_dir = resolve_model(model_name)
+    raw = read_json(model_dir / "config.json")
+    context = opts.context or profile.max_context
+    overrides = overrides_for(raw, context, profile.sparse)
+    config = config_with(raw, overrides, str(model_dir / "config.json")) if overrides else load_config(model_dir)
+    return profile, model_name, model_dir, overrides, config, plan_for(profile, config, model_name, context)
+
+
+def plan_report(profile: DeviceProfile, config, plan, overrides: dict) -> list[str]:
+    """What `cpm-edge engine` prints before it builds: overrides, memory plan, expected speed."""
+    lines = []
+    if overrides:
+        lines.append(f"config overrides (published MiniCPM4 128K settings, config.json untouched): "
+                     f"{', '.join(sorted(overrides))}")
+    lines += ["memory plan:", *plan.lines()]
+    model = speed_model(profile, config, plan)
+    if model:
+        c, f = model["ceilings"], model["floors"]
+        lines.append(f"expected decode (batch 1, position {model['position']}): ceiling "
+                     f"{c['decode_tokens_per_s']:.1f} tok/s ({model['bytes_read_per_decode_token'] / 1e9:.2f} GB read "
+                     f"per token at {profile.memory_bandwidth_gbs:g} GB/s), device-test floor "
+                     f"{f['decode_tokens_per_s']:.1f} tok/s")
+        if "prefill_tokens_per_s" in c:
+            lines.append(f"expected prefill: ceiling {c['prefill_tokens_per_s']:.0f} tok/s "
+                         f"({profile.tensor_tflops:g} TFLOPS), floor {f['prefill_tokens_per_s']:.0f} tok/s")
+    return lines
+
+
+@contextlib.contextmanager
+def model_view(model_dir: Path, overrides: dict):
+    """model_dir itself, or (with overrides) a temporary folder whose config.json carries them."""
+    if not overrides:
+        yield model_dir
+        return
+    from export.long_context import overlay_folder
+
+    with tempfile.TemporaryDirectory(prefix="cpm-edge-model-") as tmp:
+        yield overlay_folder(model_dir, overrides, Path(tmp))
+
+
 def make_bundle(opts: BundleOptions, encoder_for, progress=lambda stage: None) -> dict:
     """Export, compile, build (when possible) and write the bundle; returns its manifest.
     encoder_for(model_dir) gives the text -> token ids function of the device's tokenizer."""
@@ -154,21 +205,19 @@ def make_bundle(opts: BundleOptions, encoder_for, progress=lambda stage: None) -
     from trt_plugins.engine_builder import build_bundle_engine
     from trt_plugins.names import PLUGIN_VERSION
 
-    profile = load_profile(opts.device)
-    model_name = opts.model or profile.default_model
-    model_dir = resolve_model(model_name)
-    config = load_config(model_dir)
+    profile, model_name, model_dir, overrides, config, plan = bundle_plan(opts)  # refused before any work
+    for line in plan_report(profile, config, plan, overrides):
+        progress(line)
     encode = encoder_for(model_dir)
-    plan = plan_for(profile, config, model_name)  # refuse an impossible combination before any work
     destination = AtomicDir(opts.out, overwrite=opts.overwrite)
     destination.check()
     buildable, why_not = can_build_here(profile)
     portable = profile.trt_flavour == "onnxruntime"  # devices/cpu: no kernels, no engine
     flavor = "portable" if portable else "trt"
-    with destination as tmp:
-        progress(f"[1/5] export: {flavor} flavor, {profile.dtype}, context {profile.max_context}, "
+    with destination as tmp, model_view(model_dir, overrides) as source:
+        progress(f"[1/5] export: {flavor} flavor, {profile.dtype}, context {plan.max_context}, "
                  f"sparse {'on' if plan.sparse else 'off'}")
-        export(ExportOptions(model_dir, tmp / "export", flavor, profile.dtype, profile.max_context,
+        export(ExportOptions(source, tmp / "export", flavor, profile.dtype, plan.max_context,
                              sparse=plan.sparse), progress)
         for item in (tmp / "export").iterdir():
             item.rename(tmp / item.name)
@@ -179,7 +228,7 @@ def make_bundle(opts: BundleOptions, encoder_for, progress=lambda stage: None) -
             engine_info = {"engine_status": "onnxruntime"}
         else:
             progress(f"[2/5] kernels for {profile.target}")
-            compile_kernels(profile.target, model_dir, tmp / "kernels", Path(opts.out).parent / ".triton-cache")
+            compile_kernels(profile.target, source, tmp / "kernels", Path(opts.out).parent / ".triton-cache")
         if buildable:
             progress(f"[3/5] engine for {profile.description}")
             engine_info = build_bundle_engine(tmp, profile.max_batch, profile.trt_flavour)
@@ -187,7 +236,8 @@ def make_bundle(opts: BundleOptions, encoder_for, progress=lambda stage: None) -
             progress(f"[3/5] engine: not built here ({why_not}); the device builds it on first start "
                      f"(cpm-edge engine build --bundle DIR)")
         progress("[4/5] golden cases from the torch model")
-        golden_cases(model_dir, config, tmp, plan.sparse, encode)
+        golden_cases(source, config, tmp, plan.sparse, encode)
+        (tmp / "plan.json").write_text(json.dumps(expectations(profile, config, plan, model_name), indent=1) + "\n")
         shutil.copy2(profile.path, tmp / "profile.yaml")
         progress("[5/5] manifest (sha256 of every file)")
         model_hash = json.loads((tmp / "export.json").read_text())["model_hash"]  # hashed once, by the export
@@ -196,7 +246,7 @@ def make_bundle(opts: BundleOptions, encoder_for, progress=lambda stage: None) -
             "trt_min_version": profile.trt_min_version, "jetpack": profile.jetpack or None,
             "model": model_name, "model_hash": model_hash, "plugin_version": PLUGIN_VERSION,
             "max_batch": plan.max_batch, "max_context": plan.max_context, "dtype": profile.dtype,
-            "sparse": plan.sparse, "kv_cache_bytes": plan.kv_bytes,
+            "sparse": plan.sparse, "kv_cache_bytes": plan.kv_bytes, "config_overrides": sorted(overrides),
             "backend": "onnxruntime" if portable else "tensorrt",
             "engine": None, "engine_status": "build-on-device", "engine_note": why_not or None, **engine_info,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})

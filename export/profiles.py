@@ -2,8 +2,11 @@
 
 A profile states the GPU (SM, memory), the TensorRT flavour, the serving shape (max batch, max context,
 dtype, sparse attention) and the share of memory the KV cache may take. The KV capacity follows from that
-budget and the model; a combination that cannot fit is refused before any work starts. Speed floors are what
-`make test-device` holds a flashed device to.
+budget and the model; a combination that cannot fit is refused, with its memory plan, before any work starts.
+
+Speed floors come from a bandwidth model: batch-1 decode reads every weight and the attended KV once per
+token, so memory_bandwidth_gbs / bytes-per-token is the ceiling no engine passes; the floor `make test-device`
+holds a flashed device to is that ceiling times the profile's `efficiency` (plus its per-step overhead).
 """
 from __future__ import annotations
 
@@ -16,7 +19,8 @@ from export.checkpoint import CheckpointError
 DEVICES_DIR = Path(__file__).resolve().parents[1] / "devices"
 FLAVOURS = ("tensorrt", "tensorrt-rtx", "onnxruntime")  # onnxruntime: devices/cpu, no engine
 DTYPE_BYTES = {"fp16": 2, "bf16": 2, "fp32": 4}
-FLOOR_KEYS = ("decode_tokens_per_s", "prefill_tokens_per_s", "time_to_first_token_ms", "peak_memory_gb")
+FLOOR_KEYS = ("decode_tokens_per_s", "prefill_tokens_per_s", "time_to_first_token_ms", "gpu_memory_gb")
+EFFICIENCY_KEYS = ("decode", "prefill")
 
 
 class ProfileError(CheckpointError):
@@ -38,7 +42,12 @@ class DeviceProfile:
     kv_cache_fraction: float    # share of memory_gb the KV cache may take
     default_model: str          # Hugging Face repo id used when MODEL is not given
     jetpack: str = ""
-    floors: dict = field(default_factory=dict)
+    floors: dict = field(default_factory=dict)   # explicit floors; else the speed model's (speed_model)
+    memory_bandwidth_gbs: float = 0.0   # GB/s (1e9): what bounds batch-1 decode
+    tensor_tflops: float = 0.0          # dense matmul TFLOPS in the profile's dtype (GPU: tensor cores, fp32
+                                        # accumulate): what bounds prefill
+    efficiency: dict = field(default_factory=dict)  # decode / prefill: share of those a healthy engine reaches
+    step_overhead_ms: float = 0.0       # fixed cost of one engine call (launches, Python plugins)
     path: str = ""
 
     @property
@@ -55,6 +64,8 @@ SCHEMA = {  # key: (type, required)
     "trt_flavour": (str, True), "trt_min_version": (str, True), "max_batch": (int, True),
     "max_context": (int, True), "dtype": (str, True), "sparse": (bool, True), "kv_cache_fraction": (float, True),
     "default_model": (str, True), "jetpack": (str, False), "floors": (dict, False),
+    "memory_bandwidth_gbs": (float, False), "tensor_tflops": (float, False), "efficiency": (dict, False),
+    "step_overhead_ms": (float, False),
 }
 
 
@@ -109,6 +120,11 @@ def profile_from_dict(raw, source: str) -> DeviceProfile:
         (p.max_batch >= 1, "max_batch", "must be at least 1"),
         (p.max_context >= 16, "max_context", "must be at least 16"),
         (all(k in FLOOR_KEYS for k in p.floors), "floors", f"may hold only {', '.join(FLOOR_KEYS)}"),
+        (p.memory_bandwidth_gbs >= 0 and p.tensor_tflops >= 0 and p.step_overhead_ms >= 0, "memory_bandwidth_gbs",
+         "and tensor_tflops, step_overhead_ms must not be negative"),
+        (all(k in EFFICIENCY_KEYS and isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v <= 1
+             for k, v in p.efficiency.items()), "efficiency",
+         f"must map {' / '.join(EFFICIENCY_KEYS)} to a share in (0, 1]"),
     ]
     for ok, key, why in checks:
         if not ok:
@@ -134,35 +150,181 @@ def weight_bytes(config, dtype: str) -> int:
     return (per_layer * c.num_hidden_layers + embed) * DTYPE_BYTES[dtype]
 
 
+# --- what an engine holds, and how fast it can be -------------------------------------------------------
+# device-test's speed run (agent/device_check.py reads these from the bundle's plan.json): one prompt of
+# about this many tokens, then this many new tokens, batch 1.
+SPEED_TEST = {"prompt_tokens": 512, "decode_tokens": 64}
+GIB = 2**30
+
+
+def kv_cache_bytes_per_position(config, dtype: str) -> int:
+    """K and V of every layer for one position of one row (what the engine's cache tensors hold)."""
+    return 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * DTYPE_BYTES[dtype]
+
+
+def activation_bytes_per_token(config, dtype: str) -> int:
+    """Live tensors of one layer for one prefill token (residual, normed input, q, k, v, attention out, gate,
+    up, their product); TensorRT reuses them layer after layer. An estimate: the builder decides the rest."""
+    c = config
+    return (2 * c.hidden_size + 2 * c.num_attention_heads * c.head_dim + 2 * c.num_key_value_heads * c.head_dim
+            + 3 * c.intermediate_size) * DTYPE_BYTES[dtype]
+
+
 @dataclass
 class Plan:
-    """What an engine for this profile and model holds."""
+    """What an engine for this profile, model and context holds in device memory (bytes)."""
     max_batch: int
     max_context: int
-    kv_capacity_tokens: int   # positions (rows x context) the KV budget holds
-    kv_bytes: int
-    weight_bytes: int
     sparse: bool
+    weight_bytes: int          # every weight, embedding table included
+    kv_bytes: int              # K and V caches: batch x context positions, every layer
+    compressed_key_bytes: int  # InfLLM v2 compressed keys (fp32, one layer at a time, in the workspace)
+    workspace_bytes: int       # InfLLM v2 stage-1 scores, block lists and counts (one chunk of queries)
+    activation_bytes: int      # the largest prefill's live tensors (estimate)
+    budget_bytes: int          # 90% of the device's memory
+    kv_budget_bytes: int       # kv_cache_fraction of it
+
+    @property
+    def total_bytes(self) -> int:
+        return (self.weight_bytes + self.kv_bytes + self.compressed_key_bytes + self.workspace_bytes
+                + self.activation_bytes)
+
+    @property
+    def kv_capacity_tokens(self) -> int:
+        """Positions (rows x context) the KV budget holds."""
+        per_position = self.kv_bytes // (self.max_batch * self.max_context)
+        return self.kv_budget_bytes // per_position
+
+    @property
+    def fits(self) -> bool:
+        return self.kv_bytes <= self.kv_budget_bytes and self.total_bytes <= self.budget_bytes
+
+    def lines(self) -> list[str]:
+        rows = [("weights", self.weight_bytes), ("KV cache", self.kv_bytes),
+                ("compressed keys", self.compressed_key_bytes), ("workspace", self.workspace_bytes),
+                ("activations", self.activation_bytes), ("total", self.total_bytes)]
+        out = [f"  {name:<16}{n / GIB:9.2f} GiB" for name, n in rows]
+        out.append(f"  (batch {self.max_batch} x context {self.max_context}, sparse {'on' if self.sparse else 'off'}; "
+                   f"KV budget {self.kv_budget_bytes / GIB:.2f} GiB, device budget {self.budget_bytes / GIB:.2f} GiB)")
+        return out
+
+    def as_dict(self) -> dict:
+        names = ("weight_bytes", "kv_bytes", "compressed_key_bytes", "workspace_bytes", "activation_bytes",
+                 "budget_bytes", "kv_budget_bytes")
+        return {"max_batch": self.max_batch, "max_context": self.max_context, "sparse": self.sparse,
+                **{n: getattr(self, n) for n in names}, "total_bytes": self.total_bytes}
 
 
-def plan_for(profile: DeviceProfile, config, model_name: str = "the model") -> Plan:
-    """Check that the profile's batch x context fits its KV budget and the weights fit the device."""
+def memory_plan(profile: DeviceProfile, config, context: int | None = None, batch: int | None = None) -> Plan:
+    """The memory an engine of this shape needs; the workspace is what the attention plugin asks TensorRT
+    for (trt_plugins.tensorrt_plugins.sparse_buffers, the same function)."""
+    from trt_plugins.tensorrt_plugins import sparse_buffers
+
+    context = context or profile.max_context
+    batch = batch or profile.max_batch
     sparse = profile.sparse and config.sparse is not None
-    per_token = kv_bytes_per_token(config, profile.dtype, sparse)
-    capacity = profile.kv_budget_bytes // per_token
-    need = profile.max_batch * profile.max_context
-    if need > capacity:
-        raise ProfileError(
-            f"{profile.path}: max_batch {profile.max_batch} x max_context {profile.max_context} needs "
-            f"{need * per_token / 2**30:.1f} GiB of KV cache for {model_name}, but kv_cache_fraction "
-            f"{profile.kv_cache_fraction} of {profile.memory_gb} GB allows {profile.kv_budget_bytes / 2**30:.1f} GiB "
-            f"({capacity} positions): lower max_context or max_batch, or raise kv_cache_fraction")
-    weights = weight_bytes(config, profile.dtype)
-    if weights + need * per_token > profile.memory_gb * 2**30 * 0.9:
-        raise ProfileError(f"{profile.path}: {model_name} needs {weights / 2**30:.1f} GiB of weights plus "
-                           f"{need * per_token / 2**30:.1f} GiB of KV cache, more than 90% of the device's "
-                           f"{profile.memory_gb} GB: choose a smaller model or profile")
-    if profile.max_context > config.max_position_embeddings and config.rope_scaling is None:
-        raise ProfileError(f"{profile.path}: max_context {profile.max_context} exceeds {model_name}'s "
+    kc = work = 0
+    if sparse:
+        kc, scores, blocks, counts = sparse_buffers(config.sparse, batch, config.num_key_value_heads, context,
+                                                    config.head_dim)
+        work = scores + blocks + counts
+    return Plan(batch, context, sparse, weight_bytes(config, profile.dtype),
+                batch * context * kv_cache_bytes_per_position(config, profile.dtype), kc, work,
+                context * activation_bytes_per_token(config, profile.dtype),  # the engine prefills up to context
+                int(profile.memory_gb * GIB * 0.9), profile.kv_budget_bytes)
+
+
+def plan_for(profile: DeviceProfile, config, model_name: str = "the model", context: int | None = None) -> Plan:
+    """The memory plan, refused (with the plan in the message) when it does not fit the device."""
+    if context is not None and context < 16:
+        raise ProfileError(f"--context {context}: must be at least 16")
+    plan = memory_plan(profile, config, context)
+    where = f"{profile.path}: " if context is None else f"--context {plan.max_context} on {profile.name}: "
+    if not plan.fits:
+        if plan.kv_bytes > plan.kv_budget_bytes:
+            why = (f"the KV cache needs {plan.kv_bytes / GIB:.2f} GiB, kv_cache_fraction {profile.kv_cache_fraction} "
+                   f"of {profile.memory_gb} GB allows {plan.kv_budget_bytes / GIB:.2f} GiB")
+        else:
+            why = (f"{plan.total_bytes / GIB:.2f} GiB in all, more than 90% of the device's {profile.memory_gb} GB")
+        raise ProfileError(f"{where}{model_name} does not fit: {why}; lower the context or max_batch, or choose "
+                           f"a smaller model. Memory plan: " + "; ".join(" ".join(line.split()) for line in plan.lines()))
+    if plan.max_context > config.max_position_embeddings and config.rope_scaling is None:
+        raise ProfileError(f"{where}context {plan.max_context} exceeds {model_name}'s "
                            f"max_position_embeddings {config.max_position_embeddings} and it has no LongRoPE")
-    return Plan(profile.max_batch, profile.max_context, capacity, need * per_token, weights, sparse)
+    return plan
+
+
+def weights_read_per_token(config, dtype: str) -> int:
+    """Weight bytes one decode step reads: every matrix, but only one row of an untied embedding table
+    (a gather); a tied table is read whole as the lm_head."""
+    c = config
+    untouched = 0 if c.tie_word_embeddings else (c.vocab_size - 1) * c.hidden_size * DTYPE_BYTES[dtype]
+    return weight_bytes(config, dtype) - untouched
+
+
+def kv_read_per_token(config, dtype: str, position: int, capacity: int, sparse: bool) -> int:
+    """Cache bytes one decode step of one row reads at `position`: K and V of the attended positions (all of
+    them while dense; InfLLM v2's init + window + top-k blocks beyond dense_len) and, with sparse attention, the
+    key cache once more: the plugin compresses the keys of the whole cache capacity every step."""
+    per_position = kv_cache_bytes_per_position(config, dtype)
+    attended = position
+    if sparse and config.sparse is not None:
+        s = config.sparse
+        if position >= s.dense_len:
+            attended = min(position, (s.init_blocks + s.window_size // s.block_size + s.topk - 1) * s.block_size)
+        return attended * per_position + capacity * per_position // 2
+    return attended * per_position
+
+
+def speed_model(profile: DeviceProfile, config, plan: Plan, prompt_tokens: int | None = None,
+                decode_tokens: int | None = None) -> dict:
+    """Ceilings (what the hardware allows) and floors (what device-test demands) for batch-1 speed.
+
+    decode: memory-bound, ceiling = memory_bandwidth / bytes read per token (weights + KV at the mean position
+    of the run); floor = 1 / (1 / (ceiling x efficiency.decode) + step_overhead). prefill: compute-bound,
+    ceiling = tensor_tflops / (2 x weights read per token in parameters); floor = ceiling x efficiency.prefill.
+    Empty when the profile states no memory_bandwidth_gbs."""
+    if not profile.memory_bandwidth_gbs:
+        return {}
+    prompt = min(prompt_tokens or SPEED_TEST["prompt_tokens"], plan.max_context // 2)
+    decode = decode_tokens or SPEED_TEST["decode_tokens"]
+    position = prompt + decode // 2
+    read = weights_read_per_token(config, profile.dtype) + kv_read_per_token(
+        config, profile.dtype, position, plan.max_context, plan.sparse)
+    ceiling = profile.memory_bandwidth_gbs * 1e9 / read
+    eff = {"decode": 0.5, "prefill": 0.25, **profile.efficiency}
+    overhead = profile.step_overhead_ms / 1000
+    out = {"bytes_read_per_decode_token": read, "position": position, "prompt_tokens": prompt,
+           "decode_tokens": decode, "memory_bandwidth_gbs": profile.memory_bandwidth_gbs, "efficiency": eff,
+           "step_overhead_ms": profile.step_overhead_ms,
+           "ceilings": {"decode_tokens_per_s": ceiling},
+           "floors": {"decode_tokens_per_s": 1 / (1 / (ceiling * eff["decode"]) + overhead)}}
+    if profile.tensor_tflops:
+        flops = 2 * weights_read_per_token(config, profile.dtype) / DTYPE_BYTES[profile.dtype]
+        prefill_ceiling = profile.tensor_tflops * 1e12 / flops
+        prefill_floor = prefill_ceiling * eff["prefill"]
+        out["ceilings"]["prefill_tokens_per_s"] = prefill_ceiling
+        out["floors"]["prefill_tokens_per_s"] = prefill_floor
+        # first token: the prompt at the prefill floor, one decode step, the step overheads of both
+        out["floors"]["time_to_first_token_ms"] = 1000 * (prompt / prefill_floor + 2 * overhead
+                                                          + 1 / out["floors"]["decode_tokens_per_s"])
+    # device memory: the plan, 10% for what it does not count in detail, 1 GiB for the CUDA context and
+    # TensorRT's own; never more than the device has
+    out["floors"]["gpu_memory_gb"] = min(plan.total_bytes * 1.1 + GIB, profile.memory_gb * GIB) / 1e9
+    return out
+
+
+def expectations(profile: DeviceProfile, config, plan: Plan, model_name: str) -> dict:
+    """The bundle's plan.json: memory plan, speed model and floors, for `cpm-edge device-test` on the device
+    (the agent does not import export/: the decisions travel as data)."""
+    explicit = dict(profile.floors)
+    model = speed_model(profile, config, plan)
+    floors = {**model.get("floors", {}), **explicit}
+    for key, ceiling in model.get("ceilings", {}).items():
+        if key in explicit and explicit[key] > ceiling:
+            raise ProfileError(f"{profile.path}: floors.{key} {explicit[key]} is above what the hardware allows "
+                               f"for {model_name} ({ceiling:.1f} by the bandwidth model): lower it")
+    return {"model": model_name, "device": profile.name, "memory": plan.as_dict(), "speed_model": model,
+            "speed_test": {"prompt_tokens": model.get("prompt_tokens", SPEED_TEST["prompt_tokens"]),
+                           "decode_tokens": model.get("decode_tokens", SPEED_TEST["decode_tokens"])},
+            "floors": floors}

@@ -116,3 +116,65 @@ def test_10000_fuzzed_payloads_leave_the_agent_alive_and_answering(broker, run_a
     while agent.server.outstanding and time.monotonic() < deadline:
         time.sleep(0.05)
     assert agent.server.outstanding == 0  # everything accepted was answered
+
+
+def test_a_flood_of_cancels_and_resends_loses_no_request(broker, run_agent, make_client, seed):
+    """6,000 cancel/resend messages (QoS 0, as fast as paho sends them) with 60 requests among them: every
+    request gets exactly one final (done, cancelled or error), the control queue overflowed and was counted,
+    every slot is released, and a full load of requests is served right after."""
+    import random
+
+    rng = random.Random(seed)
+    backend = EchoBackend(max_batch=4, delay_s=0.05)  # slow steps: the flood outruns the scheduler
+    agent = run_agent(broker.url, backend=backend, queue_size=16, control_queue_size=32)
+    finals: dict[str, list] = {}
+    after_final: list = []
+    lock = threading.Lock()
+
+    def on_message(client, userdata, m):
+        msg = json.loads(m.payload)
+        rid = m.topic.split("/", 1)[1]
+        with lock:
+            if rid in finals:
+                after_final.append((rid, msg))
+            elif msg["type"] in ("done", "error"):
+                finals[rid] = msg
+
+    sub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    sub.on_message = on_message
+    sub.connect("127.0.0.1", broker.port)
+    sub.subscribe("fl/#", qos=1)
+    sub.loop_start()
+    pub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv311)
+    pub.max_queued_messages_set(0)
+    pub.connect("127.0.0.1", broker.port)
+    pub.loop_start()
+    time.sleep(0.3)  # the subscription is in place (its SUBACK is not awaited by paho's subscribe)
+    ids = [f"q{i}" for i in range(60)]
+    for rid in ids:
+        pub.publish("cpm/v1/dev1/request", json.dumps({"id": rid, "reply_to": f"fl/{rid}", "prompt": f"{TEXT} {rid}",
+                                                       "max_tokens": 16}), qos=1)
+        for k in range(100):
+            target = rng.choice(ids) if rng.random() < 0.3 else f"nobody{rng.randrange(10**6)}"
+            if k % 2:
+                pub.publish("cpm/v1/dev1/cancel", json.dumps({"id": target}), qos=0)
+            else:  # a resend answers on its own reply topic: never a second final on a request's topic
+                pub.publish("cpm/v1/dev1/resend", json.dumps({"id": target, "reply_to": f"rs/{k}"}), qos=0)
+    deadline = time.monotonic() + 60
+    while len(finals) < len(ids) and time.monotonic() < deadline:  # bounded wait for the answers
+        time.sleep(0.05)
+    time.sleep(0.5)  # anything sent after a final would arrive by now
+    sub.loop_stop()
+    pub.loop_stop()
+    assert sorted(finals) == sorted(ids) and not after_final, (len(finals), after_final[:3])
+    stats = agent.server.stats()
+    assert stats["controls_dropped"] > 0, stats  # the flood did overflow the control queue
+    kinds = {(m["type"], m.get("finish_reason", m.get("code"))) for m in finals.values()}
+    assert kinds <= {("done", "stop"), ("done", "length"), ("done", "cancelled"), ("error", "busy")}, kinds
+    answered = sum(m["type"] == "done" for m in finals.values())
+    assert stats["accepted"] == answered and stats["outstanding"] == 0
+    assert agent.server.generator.active == 0 and not agent.server.jobs
+    clients = [make_client(broker.url) for _ in range(2)]
+    pendings = [clients[i % 2].submit(f"after {i}", max_tokens=16) for i in range(agent.server.capacity)]
+    answers = [p.result(30) for p in pendings]  # none refused busy: every slot was free again
+    assert all(a.text.startswith(f"after {i}") for i, a in enumerate(answers))

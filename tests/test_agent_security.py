@@ -119,3 +119,66 @@ def test_tls_with_client_certificates(broker_factory, run_agent, tmp_path):
         assert client.ask("Hello robot", timeout=10).text == "Hello robot"
     with pytest.raises(AgentError, match="connection"):  # no client certificate: the handshake fails
         AgentClient(broker.url, "dev1", ca_file=certs["ca.crt"]).connect(3)
+
+
+DYNSEC = "mosquitto_dynamic_security.so"
+
+
+@pytest.fixture
+def refusing_broker(broker_factory, tmp_path):
+    """A Mosquitto whose dynamic-security plugin refuses subscriptions to cpm/v1/dev1/cancel (anyone else's
+    subscriptions are granted): a real SUBACK with v5 reason 0x87 / v3.1.1 granted QoS 0x80."""
+    import glob
+    import json
+
+    plugin = next(iter(glob.glob(f"/usr/lib/*/{DYNSEC}") + glob.glob(f"/usr/lib/{DYNSEC}")), None)
+    if plugin is None:
+        pytest.skip(f"{DYNSEC} not installed (Debian's mosquitto package ships it)")
+    config = tmp_path / "dynsec.json"
+    config.write_text(json.dumps({
+        "defaultACLAccess": {"publishClientSend": True, "publishClientReceive": True, "subscribe": True,
+                             "unsubscribe": True},
+        "clients": [], "groups": [{"groupname": "anyone", "roles": [{"rolename": "no-cancel"}]}],
+        "roles": [{"rolename": "no-cancel", "acls": [{"acltype": "subscribePattern", "topic": "cpm/v1/dev1/cancel",
+                                                       "priority": 0, "allow": False}]}],
+        "anonymousGroup": "anyone"}))
+    return broker_factory(f"allow_anonymous true\nplugin {plugin}\nplugin_opt_config_file {config}")
+
+
+def retained_status(port: int, device: str, timeout: float = 5.0) -> dict:
+    """The retained status of a device, as a subscriber that comes later sees it."""
+    import json
+    import queue
+
+    import paho.mqtt.client as mqtt
+
+    got: queue.Queue = queue.Queue()
+    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    c.on_message = lambda cl, ud, m: got.put(json.loads(m.payload))
+    c.connect("127.0.0.1", port)
+    c.subscribe(f"cpm/v1/{device}/status", qos=1)
+    c.loop_start()
+    try:
+        return got.get(timeout=timeout)
+    finally:
+        c.loop_stop()
+        c.disconnect()
+
+
+@pytest.mark.parametrize("version", ["5", "3.1.1"])
+def test_a_refused_subscription_is_an_error_and_never_online(refusing_broker, run_agent, version, caplog):
+    agent = run_agent(refusing_broker.url, mqtt_version=version)  # waits for the SUBACK
+    transport = agent.transport
+    assert not transport.subscribed_ok and transport.refused_topics == ["cpm/v1/dev1/cancel"]
+    assert "refused the subscription to cpm/v1/dev1/cancel" in transport.last_error
+    assert ("Not authorized" if version == "5" else "Unspecified error") in transport.last_error
+    assert any(r.levelname == "ERROR" and "cpm/v1/dev1/cancel" in r.getMessage() for r in caplog.records)
+    assert wait_for(lambda: retained_status(refusing_broker.port, "dev1")["state"] == "error")
+    status = retained_status(refusing_broker.port, "dev1")
+    assert "cpm/v1/dev1/cancel" in status["error"]
+    transport.set_state("online")  # a later state change does not make it online either
+    assert retained_status(refusing_broker.port, "dev1")["state"] == "error"
+    # the same broker grants every subscription of another device: that agent is online
+    other = run_agent(refusing_broker.url, device_id="dev2", mqtt_version=version)
+    assert other.transport.subscribed_ok and not other.transport.refused_topics
+    assert wait_for(lambda: retained_status(refusing_broker.port, "dev2")["state"] == "online")

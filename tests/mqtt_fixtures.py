@@ -139,6 +139,29 @@ def tiny_tokenizer(tiny_dense):
     return Tokenizer(tiny_dense)
 
 
+def words_prompt(tokenizer, rng, tokens: int) -> str:
+    """A text of random words that encodes to about `tokens` tokens (at most that many)."""
+    words = ["robot", "arm", "red", "block", "tray", "turns", "over", "camera", "sees", "the", "gripper", "slow"]
+    text = ""
+    while True:
+        longer = f"{text} {rng.choice(words)}".strip()
+        if len(tokenizer.encode(longer)) > tokens:
+            return text
+        text = longer
+
+
+def steady_prompt(backend, tokenizer, rng, max_tokens: int) -> str:
+    """A short prompt whose greedy answer runs the full max_tokens (no eos) on this backend."""
+    from agent.generation import SamplingParams, generate
+
+    for _ in range(50):
+        text = words_prompt(tokenizer, rng, rng.randint(4, 12))
+        (out,) = generate(backend, tokenizer, [tokenizer.encode(text)], [SamplingParams(max_tokens=max_tokens)])
+        if out.finish_reason == "length":
+            return text
+    raise AssertionError("no prompt of 50 ran without eos")
+
+
 @pytest.fixture(scope="session")
 def ort_export(tiny_models, tmp_path_factory):
     """ort_export(variant) -> a portable fp32 export (max_seq 512) of a tiny model, made once per session."""

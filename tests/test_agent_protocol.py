@@ -281,3 +281,55 @@ def test_sd_notify_sends_to_the_notify_socket(tmp_path, monkeypatch):
         assert s.recv(64) == b"READY=1"
     monkeypatch.delenv("NOTIFY_SOCKET")
     assert not sd_notify("READY=1")
+
+
+class HeartbeatRecorder:
+    """A real backend whose calls record the scheduler's heartbeat at the moment they run."""
+
+    def __init__(self, backend):
+        self.backend, self.server, self.calls = backend, None, []
+        self.max_batch, self.max_seq = backend.max_batch, backend.max_seq
+
+    def prefill(self, row, ids, start=0):
+        self.calls.append(("prefill", row, start, len(ids), self.server.heartbeat))
+        return self.backend.prefill(row, ids, start)
+
+    def decode(self, tokens, positions):
+        self.calls.append(("decode", len(tokens), self.server.heartbeat))
+        return self.backend.decode(tokens, positions)
+
+
+def test_a_long_prompt_is_prefilled_in_chunks_with_a_heartbeat_every_step(serve, ort_export, tiny_tokenizer, seed):
+    import math
+    import random
+
+    from agent.onnxruntime_backend import OnnxRuntimeBackend
+    from mqtt_fixtures import words_prompt
+
+    backend = HeartbeatRecorder(OnnxRuntimeBackend(ort_export("dense"), max_batch=2))
+    server, out = serve(backend, prefill_chunk=32)
+    backend.server = server
+    assert server.prefill_chunk == 32
+    server.handle(req("long", words_prompt(tiny_tokenizer, random.Random(seed), 450), max_tokens=2))
+    (final,) = out.finals(1, timeout=60)
+    assert final["type"] == "done", final
+    prefills = [c for c in backend.calls if c[0] == "prefill"]
+    n = final["usage"]["prompt_tokens"]
+    assert n > 400 and [c[3] for c in prefills] == [32] * (n // 32) + ([n % 32] if n % 32 else [])
+    assert [c[2] for c in prefills] == [32 * k for k in range(math.ceil(n / 32))]
+    beats = [c[4] for c in prefills]
+    assert all(a < b for a, b in zip(beats, beats[1:]))  # each chunk in a scheduler step of its own
+
+
+def test_the_prefill_chunk_comes_from_the_settings_else_the_bundle(serve, monkeypatch, tiny_tokenizer):
+    assert serve()[0].prefill_chunk == 512
+    assert serve(prefill_chunk=64)[0].prefill_chunk == 64
+    config = AgentConfig(device_id="dev1").validate()
+    assert AgentServer(EchoBackend(), tiny_tokenizer, config, {"prefill_chunk": 128}).prefill_chunk == 128
+    monkeypatch.setenv("CPM_EDGE_PREFILL_CHUNK", "256")
+    assert AgentConfig.from_sources(device_id="dev1").validate().prefill_chunk == 256
+    monkeypatch.setenv("CPM_EDGE_PREFILL_CHUNK", "lots")
+    with pytest.raises(AgentInputError, match="CPM_EDGE_PREFILL_CHUNK"):
+        AgentConfig.from_sources(device_id="dev1")
+    with pytest.raises(AgentInputError, match="prefill_chunk"):
+        AgentConfig(device_id="dev1", prefill_chunk=0).validate()

@@ -161,3 +161,69 @@ def update_manifest(folder: str | Path, **fields) -> dict:
     tmp.write_text(json.dumps(manifest, indent=2) + "\n")
     os.replace(tmp, folder / "manifest.json")
     return manifest
+
+
+# --- engines built on the device: in the state folder (systemd's StateDirectory=), never in the bundle -------
+STATE_ENGINE = "engine.plan"
+STATE_RECORD = "engine.json"
+
+
+def onnx_files(manifest: dict) -> tuple[str, ...]:
+    """model.onnx and its external weights (model.onnx.data), which only an engine build reads."""
+    return tuple(name for name in manifest["files"] if name.startswith("model.onnx"))
+
+
+def record_state_engine(state_dir: str | Path, bundle: str | Path, built: Path, fields: dict) -> dict:
+    """Move a freshly built engine file (same file system) to state_dir/engine.plan and write engine.json:
+    which bundle it was built from (the manifest's sha256), its sha256, size and mtime (the cheap check at
+    each start), the build facts."""
+    state_dir = Path(state_dir)
+    state_dir.mkdir(parents=True, exist_ok=True)
+    digest = file_sha256(built)
+    os.replace(built, state_dir / STATE_ENGINE)
+    size, mtime_ns = _stat(state_dir / STATE_ENGINE)
+    record = {"bundle_manifest_sha256": manifest_sha256(bundle), "sha256": digest,
+              "size": size, "mtime_ns": mtime_ns, **fields}
+    tmp = state_dir / f".{STATE_RECORD}.tmp"
+    tmp.write_text(json.dumps(record, indent=1) + "\n")
+    os.replace(tmp, state_dir / STATE_RECORD)
+    return record
+
+
+def state_engine(bundle: str | Path, state_dir: str | Path | None) -> tuple[Path | None, str]:
+    """(the engine this device built for this bundle, "") when its record matches the bundle and the file;
+    else (None, why not)."""
+    if state_dir is None:
+        return None, "no state folder given"
+    path, record_path = Path(state_dir) / STATE_ENGINE, Path(state_dir) / STATE_RECORD
+    try:
+        record = json.loads(record_path.read_text())
+    except FileNotFoundError:
+        return None, f"no engine built on this device yet ({record_path})"
+    except (OSError, json.JSONDecodeError) as e:
+        return None, f"{record_path}: cannot read ({e})"
+    if record.get("bundle_manifest_sha256") != manifest_sha256(bundle):
+        return None, f"{path} was built for another bundle"
+    if not path.is_file() or _stat(path) != [record.get("size"), record.get("mtime_ns")]:
+        return None, f"{path} is missing or changed since it was built"
+    return path, ""
+
+
+def engine_file(bundle: str | Path, manifest: dict, state_dir: str | Path | None) -> Path | None:
+    """The engine to deserialize: the bundle's own (built on the host), else the one built on this device."""
+    if manifest.get("engine"):
+        return Path(bundle) / manifest["engine"]
+    return state_engine(bundle, state_dir)[0]
+
+
+def drop_onnx(bundle: str | Path, manifest: dict) -> tuple[str, ...]:
+    """Remove model.onnx (and its external data) from a bundle whose engine exists, and say so in the seal,
+    so the full and the cheap checks accept their absence. Returns the names removed."""
+    bundle = Path(bundle)
+    names = onnx_files(manifest)
+    dropped = tuple(sorted(set(dropped_files(bundle)) | set(names)))
+    if write_seal(bundle, manifest, dropped) is None:
+        raise BundleError(f"{bundle}: not writable; run this as the bundle's owner (root)")
+    for name in names:
+        (bundle / name).unlink(missing_ok=True)
+    return names

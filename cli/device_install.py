@@ -210,7 +210,7 @@ def place_bundle(source: Path, root: Path, progress) -> tuple[Path, dict]:
 def install(root: Path, bundle: Path, wheel: Path, settings: DeviceSettings, python: str | None = None,
             progress=lambda stage: None, unit_template: Path = UNIT_TEMPLATE) -> dict:
     """The whole device install under root (the device's `/`); returns facts for the report."""
-    from agent.bundle_check import read_manifest
+    from agent.bundle_check import drop_onnx, engine_file, read_manifest
 
     root = Path(root)
     env_path = root / ETC.lstrip("/") / "agent.env"
@@ -233,15 +233,39 @@ def install(root: Path, bundle: Path, wheel: Path, settings: DeviceSettings, pyt
     state = root / STATE.lstrip("/")
     state.mkdir(parents=True, exist_ok=True)
     state.chmod(0o750)
+    on_device = str(root.resolve()) == "/"
+    if on_device and manifest.get("backend") != "onnxruntime" and not manifest.get("engine"):
+        manifest = build_engine_here(final, progress)
+    if not settings.keep_onnx and engine_file(final, manifest, state) is not None:
+        progress(f"removed {', '.join(drop_onnx(final, manifest))} from the bundle: its engine is built "
+                 f"(flash --keep-onnx keeps it, to rebuild after a TensorRT upgrade)")
     facts = {"root": str(root), "bundle": str(final), "unit": str(unit), "venv_seconds": round(venv_seconds, 1),
              "broker": settings.broker, "device_id": settings.device_id, "started": False}
-    if str(root.resolve()) == "/":
+    if on_device:
         activate(settings, manifest, progress)
         facts["started"] = True
     else:
         progress(f"installed into {root}, a folder: no user created, nothing started (on the device itself, "
                  f"flash --host local:/ does both)")
     return facts
+
+
+def build_engine_here(bundle: Path, progress) -> dict:
+    """On the device, as root: build its engine with the device's TensorRT now rather than at the agent's
+    first start (minutes for an 8B model; its output goes to this terminal), then seal the bundle again.
+    It goes into the bundle, where agent/tensorrt_backend.py reads it; `engine build --state-dir` puts it in
+    the state folder instead once the backend reads agent.bundle_check.engine_file()."""
+    from agent.bundle_check import read_manifest, write_seal
+
+    cmd = [f"{VENV}/bin/cpm-edge", "engine", "build", "--bundle", str(bundle)]
+    progress(f"building the engine on this device: {shlex.join(cmd)}")
+    code = subprocess.run(cmd).returncode
+    if code != 0:
+        raise AgentInputError(f"building the engine on this device failed (exit {code}, its reason is above); the "
+                              f"bundle is installed: fix the cause and run `{shlex.join(cmd)}`")
+    manifest = read_manifest(bundle)
+    write_seal(bundle, manifest)  # the manifest now lists the engine: the old seal no longer matches
+    return manifest
 
 
 def activate(settings: DeviceSettings, manifest: dict, progress):
@@ -253,6 +277,8 @@ def activate(settings: DeviceSettings, manifest: dict, progress):
             f"creating the user {SERVICE_USER}")
     if settings.key_file is not None:
         shutil.chown(f"{ETC}/client.key", user=SERVICE_USER)
+    for path in [Path(STATE), *Path(STATE).rglob("*")]:  # what systemd's StateDirectory= would do at start
+        shutil.chown(path, user=SERVICE_USER, group=SERVICE_USER)
     if not Path("/run/systemd/system").is_dir():
         progress("systemd is not running here: start the agent with `systemctl enable --now cpm-edge-agent` "
                  "once it is")

@@ -17,6 +17,8 @@ def engine_arguments(p: argparse.ArgumentParser):
                                    "(default: the profile's default_model)")
     p.add_argument("--out", help="bundle folder to create (default build/engines/DEVICE)")
     p.add_argument("--bundle", help="with build: the bundle folder on the device")
+    p.add_argument("--state-dir", help="with build: put the engine in this writable folder (the agent's "
+                                       "/var/lib/cpm-edge) and leave the bundle as flashed")
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
     p.add_argument("--context", type=_context, help="positions per row (default: the profile's max_context); beyond "
                                                     "the model's own (32K for MiniCPM4-8B) the published InfLLM v2 "
@@ -41,7 +43,7 @@ def engine(args) -> int:
     if args.action == "build":
         if not args.bundle:
             raise AgentInputError("engine build: --bundle DIR is required")
-        return build_on_device(Path(args.bundle))
+        return build_on_device(Path(args.bundle), Path(args.state_dir) if args.state_dir else None)
     if not args.device:
         raise AgentInputError("engine: --device is required (a profile under devices/, e.g. --device orin)")
     from agent.tokenizer import Tokenizer
@@ -59,14 +61,20 @@ def engine(args) -> int:
     return 0
 
 
-def build_on_device(bundle: Path) -> int:
-    """Verify the bundle, check it was made for this GPU, build the engine with this TensorRT, cache it."""
-    from agent.bundle_check import check_device, read_manifest, update_manifest, verify_files
+def build_on_device(bundle: Path, state_dir: Path | None = None) -> int:
+    """Verify the bundle, check it was made for this GPU, build the engine with this TensorRT; keep it in the
+    state folder (the bundle stays as flashed) or, without one, in the bundle."""
+    from agent.bundle_check import (check_device, dropped_files, onnx_files, read_manifest, update_manifest,
+                                    verify_files)
     from trt_plugins.engine_builder import build_bundle_engine
     from trt_plugins.tensorrt_plugins import TensorRTMissing, import_tensorrt
 
     manifest = read_manifest(bundle)
-    progress(f"verified {verify_files(bundle, manifest)} files (sha256)")
+    dropped = dropped_files(bundle)
+    if set(onnx_files(manifest)) & set(dropped):
+        raise AgentInputError(f"{bundle}: model.onnx was removed when this device built its engine; to build "
+                              f"again, flash the bundle again (add --keep-onnx to keep model.onnx)")
+    progress(f"verified {verify_files(bundle, manifest, dropped)} files (sha256)")
     try:
         trt = import_tensorrt("tensorrt" if manifest["trt_flavour"] == "tensorrt" else "rtx")
     except TensorRTMissing as e:
@@ -75,11 +83,37 @@ def build_on_device(bundle: Path) -> int:
 
     check_device({**manifest, "engine": None}, local_gpu_sm(), None)  # the right GPU; any TensorRT may build
     progress(f"building with {trt.__name__} {trt.__version__} for sm_{manifest['sm']}")
+    if state_dir is not None:
+        fields = build_into_state(bundle, state_dir, manifest, progress)
+        print(f"engine built in {fields['engine_build_seconds']} s and kept in {state_dir}", file=sys.stderr)
+        return 0
     fields = build_bundle_engine(bundle, manifest["max_batch"], manifest["trt_flavour"], progress)
     manifest = update_manifest(bundle, **fields)
     print(f"engine built in {fields['engine_build_seconds']} s and cached in {bundle}/{fields['engine']}",
           file=sys.stderr)
     return 0
+
+
+def build_into_state(bundle: Path, state_dir: Path, manifest: dict, progress) -> dict:
+    """build_bundle_engine writes <folder>/engine.plan from <folder>/export.json and model.onnx; the bundle is
+    read-only to the agent, so it builds in a scratch folder of the state folder that links to those files,
+    and the engine is then moved into place with its record (agent/bundle_check.py)."""
+    import shutil
+    import tempfile
+
+    from agent.bundle_check import onnx_files, record_state_engine
+    from trt_plugins.engine_builder import build_bundle_engine
+
+    state_dir.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=".build-", dir=state_dir))
+    try:
+        for name in ("export.json", *onnx_files(manifest)):
+            (scratch / name).symlink_to((bundle / name).resolve())
+        fields = build_bundle_engine(scratch, manifest["max_batch"], manifest["trt_flavour"], progress)
+        record_state_engine(state_dir, bundle, scratch / fields["engine"], fields)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return fields
 
 
 COMMANDS = [("engine", engine_arguments, engine, "make a device bundle (export, kernels, engine, golden cases)")]

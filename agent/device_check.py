@@ -74,11 +74,17 @@ def check_first_logits(backend, folder: Path) -> list[dict]:
 
 def expected_answer(tokenizer, greedy: list[int]) -> tuple[str, int, str]:
     """(text, completion tokens, finish reason) the agent must answer for golden greedy tokens: generation
-    stops at the first end-of-sequence id, which is not part of the answer."""
+    stops at the first end-of-sequence id, which is not part of the answer, and the text is what the agent's
+    own TextStream makes of those tokens (it holds back a character whose UTF-8 bytes are incomplete)."""
+    from agent.tokenizer import TextStream
+
     eos = set(tokenizer.eos_ids)
     cut = next((i for i, t in enumerate(greedy) if t in eos), None)
     kept = greedy if cut is None else greedy[:cut]
-    return tokenizer.decode(kept), len(kept), "length" if cut is None else "stop"
+    stream = TextStream(tokenizer)
+    for token in kept:
+        stream.push(token)
+    return stream.text, len(kept), "length" if cut is None else "stop"
 
 
 def golden_through_server(client, tokenizer, folder: Path, timeout: float) -> list[dict]:

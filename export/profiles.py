@@ -147,7 +147,8 @@ def weight_bytes(config, dtype: str) -> int:
     per_layer = (2 * c.hidden_size * c.num_attention_heads * c.head_dim
                  + 2 * c.hidden_size * c.num_key_value_heads * c.head_dim + 3 * c.hidden_size * c.intermediate_size)
     embed = c.vocab_size * c.hidden_size * (1 if c.tie_word_embeddings else 2)
-    return (per_layer * c.num_hidden_layers + embed) * DTYPE_BYTES[dtype]
+    norms = (2 * c.num_hidden_layers + 1) * c.hidden_size
+    return (per_layer * c.num_hidden_layers + embed + norms) * DTYPE_BYTES[dtype]
 
 
 # --- what an engine holds, and how fast it can be -------------------------------------------------------

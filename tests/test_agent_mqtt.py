@@ -182,3 +182,54 @@ def test_the_mosquitto_rr_example_of_the_docs(broker, run_agent):
                          capture_output=True, text=True, timeout=20)
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout)["text"] == TEXT
+
+
+def test_a_long_prompt_does_not_stall_the_others(broker, run_agent, ort_export, seed):
+    """On the exported tiny model in ONNX Runtime, prefill 32 tokens a step: a ~400-token prompt and a short
+    one sent together while a third answer streams. The short one's first token arrives before the long
+    one's, the running stream keeps receiving chunks during the long prefill, and every answer is the one
+    an unchunked run gives."""
+    import random
+
+    from agent.generation import SamplingParams, generate
+    from agent.onnxruntime_backend import OnnxRuntimeBackend
+    from agent.tokenizer import Tokenizer
+    from mqtt_fixtures import steady_prompt, words_prompt
+
+    export_dir = ort_export("dense")
+    tok = Tokenizer(export_dir)
+    rng = random.Random(seed)
+    texts = {"run": steady_prompt(OnnxRuntimeBackend(export_dir, max_batch=1), tok, rng, 120),
+             "long": words_prompt(tok, rng, 400), "short": words_prompt(tok, rng, 8)}
+    max_tokens = {"run": 120, "long": 4, "short": 4}
+    run_agent(broker.url, backend=OnnxRuntimeBackend(export_dir, max_batch=3), tokenizer=tok, prefill_chunk=32,
+              chunk_tokens=1, chunk_ms=0)
+    c, inbox = raw_client(broker.port, topics=["ch/#"])
+
+    def send(rid):
+        c.publish("cpm/v1/dev1/request", json.dumps({"id": rid, "reply_to": f"ch/{rid}", "prompt": texts[rid],
+                                                      "max_tokens": max_tokens[rid], "temperature": 0}), qos=1)
+
+    send("run")
+    first = inbox.get(timeout=20)
+    assert first.topic == "ch/run" and json.loads(first.payload)["type"] == "chunk", first.payload
+    send("long")
+    send("short")
+    events, finals = [], {}
+    while len(finals) < 3:
+        m = inbox.get(timeout=30)
+        msg = json.loads(m.payload)
+        rid = m.topic.split("/")[1]
+        events.append((rid, msg["type"]))
+        if msg["type"] in ("done", "error"):
+            finals[rid] = msg
+    c.loop_stop()
+    short_first = events.index(("short", "chunk"))
+    long_first = next(i for i, (rid, _) in enumerate(events) if rid == "long")
+    assert short_first < long_first, events
+    during = [e for e in events[short_first:long_first] if e == ("run", "chunk")]
+    assert len(during) >= 5, events  # ~400 / 32 steps of the long prefill, each decoding `run` too
+    for rid, text in texts.items():
+        (alone,) = generate(OnnxRuntimeBackend(export_dir, max_batch=1), tok, [tok.encode(text)],
+                            [SamplingParams(max_tokens=max_tokens[rid])])
+        assert finals[rid]["type"] == "done" and finals[rid]["text"] == alone.text, (rid, finals[rid])

@@ -57,6 +57,9 @@ def agent_arguments(p: argparse.ArgumentParser):
                    help="cache rows: requests decoded together (4; an engine bundle fixes its own)")
     p.add_argument("--max-seq", type=_positive_int, help="positions per row (default: the bundle's; 1024 for "
                                                          "--torch-model)")
+    p.add_argument("--prefill-chunk", type=_positive_int,
+                   help="prompt tokens prefilled per scheduler step, between decode steps of the other requests "
+                        "(env CPM_EDGE_PREFILL_CHUNK; default: the bundle's device profile, else 512)")
     p.add_argument("--state-dir", help="writable folder for what the device makes itself (engines built here); "
                                        "the systemd unit passes its StateDirectory, /var/lib/cpm-edge")
 
@@ -75,7 +78,8 @@ def agent(args) -> int:
         prefix=args.prefix, fleet_group=args.fleet_group, pool=args.pool, queue_size=args.queue_size,
         max_tokens=args.max_tokens, default_max_tokens=min(256, args.max_tokens),
         max_prompt_tokens=args.max_prompt_tokens or 0, max_payload_bytes=args.max_payload_bytes,
-        max_wait_s=args.max_wait, telemetry_s=args.telemetry, session_expiry_s=args.session_expiry).validate()
+        max_wait_s=args.max_wait, telemetry_s=args.telemetry, session_expiry_s=args.session_expiry,
+        prefill_chunk=args.prefill_chunk).validate()
     if args.bundle and not Path(args.bundle).is_dir():
         raise AgentInputError(f"--bundle {args.bundle}: folder not found")
     if args.state_dir and not (Path(args.state_dir).is_dir() and os.access(args.state_dir, os.W_OK | os.X_OK)):

@@ -48,6 +48,7 @@ class DeviceProfile:
                                         # accumulate): what bounds prefill
     efficiency: dict = field(default_factory=dict)  # decode / prefill: share of those a healthy engine reaches
     step_overhead_ms: float = 0.0       # fixed cost of one engine call (launches, Python plugins)
+    prefill_chunk: int = 512            # prompt tokens per agent step: a long prompt never stalls the others
     path: str = ""
 
     @property
@@ -65,7 +66,7 @@ SCHEMA = {  # key: (type, required)
     "max_context": (int, True), "dtype": (str, True), "sparse": (bool, True), "kv_cache_fraction": (float, True),
     "default_model": (str, True), "jetpack": (str, False), "floors": (dict, False),
     "memory_bandwidth_gbs": (float, False), "tensor_tflops": (float, False), "efficiency": (dict, False),
-    "step_overhead_ms": (float, False),
+    "step_overhead_ms": (float, False), "prefill_chunk": (int, False),
 }
 
 
@@ -119,6 +120,7 @@ def profile_from_dict(raw, source: str) -> DeviceProfile:
         (0 < p.kv_cache_fraction < 1, "kv_cache_fraction", "must be between 0 and 1"),
         (p.max_batch >= 1, "max_batch", "must be at least 1"),
         (p.max_context >= 16, "max_context", "must be at least 16"),
+        (p.prefill_chunk >= 1, "prefill_chunk", "must be at least 1"),
         (all(k in FLOOR_KEYS for k in p.floors), "floors", f"may hold only {', '.join(FLOOR_KEYS)}"),
         (p.memory_bandwidth_gbs >= 0 and p.tensor_tflops >= 0 and p.step_overhead_ms >= 0, "memory_bandwidth_gbs",
          "and tensor_tflops, step_overhead_ms must not be negative"),

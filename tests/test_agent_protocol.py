@@ -333,3 +333,16 @@ def test_the_prefill_chunk_comes_from_the_settings_else_the_bundle(serve, monkey
         AgentConfig.from_sources(device_id="dev1")
     with pytest.raises(AgentInputError, match="prefill_chunk"):
         AgentConfig(device_id="dev1", prefill_chunk=0).validate()
+
+
+def test_the_device_profile_key_prefill_chunk():
+    from export.profiles import ProfileError, load_profile, profile_from_dict, profile_paths
+
+    for name in profile_paths():
+        assert load_profile(name).prefill_chunk >= 1
+    raw = {k: v for k, v in vars(load_profile("orin")).items() if k != "path"}
+    assert profile_from_dict({**raw, "prefill_chunk": 256}, "p.yaml").prefill_chunk == 256
+    with pytest.raises(ProfileError, match="prefill_chunk"):
+        profile_from_dict({**raw, "prefill_chunk": 0}, "p.yaml")
+    with pytest.raises(ProfileError, match="prefill_chunk"):
+        profile_from_dict({**raw, "prefill_chunk": "512"}, "p.yaml")

@@ -1,9 +1,10 @@
 """The onnxruntime backend: runs an export folder (export/onnx_export.py) with numpy + ONNX Runtime only.
 
-The KV cache is one numpy array per layer and kind, (max_batch, Hkv, max_seq, D), allocated once. Each call
-binds a contiguous slice of rows as both past_* input and present_* output, so ONNX Runtime's
-GroupQueryAttention writes the new positions in place: a decode step moves the new keys and values and reads
-the cache, it never copies it.
+The KV cache is one numpy array per layer and kind, (max_batch, Hkv, max_seq, D), allocated once (with any
+other state export.json lists: InfLLM v2's compressed keys of a trt-flavor graph). Each call binds a
+contiguous slice of rows as both past_* input and present_* output, so ONNX Runtime's GroupQueryAttention
+writes the new positions in place: a decode step moves the new keys and values and reads the cache, it
+never copies it.
 """
 from __future__ import annotations
 
@@ -15,8 +16,17 @@ import numpy as np
 
 from agent.errors import AgentInputError
 
-SUPPORTED_FORMAT = 1
+SUPPORTED_FORMAT = 2
 NUMPY_DTYPES = {"fp32": np.float32, "fp16": np.float16}
+
+
+def state_row_shape(spec: dict, max_seq: int) -> tuple:
+    """One batch row of a carried tensor (export.json "state"): KV caches sized to the capacity in use,
+    InfLLM v2's compressed keys as exported."""
+    kv_heads, length, head_dim = spec["shape"]
+    if spec["input"].startswith(("past_key_", "past_value_")):
+        length = max_seq
+    return kv_heads, length, head_dim
 
 
 def read_export_info(export_dir: Path) -> dict:
@@ -62,11 +72,10 @@ class OnnxRuntimeBackend:
             hint = " (a trt-flavor graph needs its custom ops registered)" if info["flavor"] == "trt" else ""
             raise AgentInputError(f"{export_dir / 'model.onnx'}: ONNX Runtime cannot load it{hint}: "
                                   f"{str(e).splitlines()[0]}") from None
-        dtype = NUMPY_DTYPES[info["dtype"]]
-        shape = (max_batch, info["num_kv_heads"], self.max_seq, info["head_dim"])
-        self.caches = [np.zeros(shape, dtype) for _ in range(2 * info["num_layers"])]
-        self.cache_names = info["inputs"][2:]
-        self.present_names = info["outputs"][1:]
+        self.caches = [np.zeros((max_batch, *state_row_shape(spec, self.max_seq)), NUMPY_DTYPES[spec["dtype"]])
+                       for spec in info["state"]]
+        self.cache_names = [spec["input"] for spec in info["state"]]
+        self.present_names = [spec["output"] for spec in info["state"]]
 
     @property
     def cache_bytes(self) -> int:

@@ -67,6 +67,9 @@ def generate_arguments(p: argparse.ArgumentParser):
     p.add_argument("--top-k", type=int, help="sample among the K most likely tokens (default: no cut)")
     p.add_argument("--seed", type=int, help="sampling seed (default: random)")
     p.add_argument("--stop", action="append", default=[], help="stop when this text appears (repeatable)")
+    p.add_argument("--plugins", choices=("reference", "interpreter"), default="reference",
+                   help="a trt-flavor export in ONNX Runtime: its plugin nodes by the torch references (fast) or "
+                        "by the TensorRT plugins' own launch plans, Triton kernels in Triton's interpreter (slow)")
     add_model_options(p)
 
 
@@ -98,7 +101,10 @@ def generate(args) -> int:
         from agent.backends import open_bundle
         if args.ternary != "off" or args.dtype != "fp32":
             raise AgentInputError("--ternary and --dtype are fixed when the folder is exported (cpm-edge export)")
-        backend, _, _ = open_bundle(args.model_dir, max_batch=1)
+        if (Path(args.model_dir) / "export.json").exists() and _export_flavor(args.model_dir) == "trt":
+            backend = trt_graph_in_onnxruntime(Path(args.model_dir), args.plugins)
+        else:
+            backend, _, _ = open_bundle(args.model_dir, max_batch=1)
     else:
         backend = load_torch_backend(args, max_batch=1, max_seq=len(ids) + args.max_tokens)
 
@@ -113,6 +119,26 @@ def generate(args) -> int:
     print(f"[{len(ids)} prompt tokens, {len(result.token_ids)} generated, finish: {result.finish_reason}, "
           f"{len(result.token_ids) / max(elapsed, 1e-9):.1f} tok/s]", file=sys.stderr)
     return 0
+
+
+def _export_flavor(export_dir) -> str:
+    from agent.onnxruntime_backend import read_export_info
+    return read_export_info(Path(export_dir))["flavor"]
+
+
+def trt_graph_in_onnxruntime(export_dir: Path, plugins: str, max_batch: int = 1):
+    """A trt-flavor export run by ONNX Runtime on CPU, its plugin nodes computed by the torch references or by
+    the plugins' launch plans in Triton's interpreter (trt_plugins/onnxruntime_ops.py)."""
+    if plugins == "interpreter":
+        os.environ["TRITON_INTERPRET"] = "1"  # before Triton is imported: triton.jit reads it when decorating
+    from agent.onnxruntime_backend import OnnxRuntimeBackend
+    from trt_plugins.onnxruntime_ops import graph_for_onnxruntime, session_options
+
+    folder = tempfile.TemporaryDirectory(prefix="cpm-edge-ort-")
+    backend = OnnxRuntimeBackend(graph_for_onnxruntime(export_dir, Path(folder.name)), max_batch=max_batch,
+                                 session_options=session_options(plugins))
+    backend.graph_folder = folder  # removed with the backend
+    return backend
 
 
 def load_torch_backend(args, max_batch: int, max_seq: int):

@@ -1,11 +1,14 @@
 """Export a MiniCPM4 folder to ONNX with its KV cache: the contract between the host and the device.
 
 One graph serves prefill and decode:
-  inputs   input_ids (B, T) int64, positions (B, T) int64, past_key_i / past_value_i (B, Hkv, S, D)
+  inputs   input_ids (B, T) int64, positions (B, T) int64 (consecutive per row), past_key_i / past_value_i
+           (B, Hkv, S, D); sparse trt-flavor graphs also past_ckey_i (B, Hkv, NK, D) fp32, InfLLM v2's
+           compressed keys kept between calls
   outputs  logits (B, V) fp32 of the last position (or (B, T, V) with logits="all"),
-           present_key_i / present_value_i: the caches with this call's keys written at `positions`.
+           present_*: the state with this call's keys written at `positions` (and the kernels they complete).
 A runtime binds present_* to the same buffers as past_* so a decode step writes T new positions in place
-and never copies the cache (docs/export.md counts the bytes).
+and never copies the cache (docs/export.md counts the bytes). export.json's "state" lists every such pair
+with its per-row shape and dtype: what a backend allocates.
 
 Flavors (the attention of every layer differs, nothing else does):
   portable  com.microsoft GroupQueryAttention, which ONNX Runtime's CPU provider runs in place; InfLLM v2
@@ -36,7 +39,7 @@ from trt_plugins.attention.reference import InfLLMv2Config, dense_rows, sparse_b
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: export.json lists the carried state (KV caches, compressed keys)
 ONNX_OPSET = 18
 FLAVORS = ("portable", "trt")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "config.json")
@@ -84,19 +87,23 @@ class ExportModel(torch.nn.Module):
         super().__init__()
         self.model, self.flavor, self.all_logits = model, flavor, all_logits
         self.sparse = model.config.sparse
+        self.state_per_layer = 3 if carries_compressed_keys(flavor, self.sparse) else 2
         self._past: tuple = ()
         self._present: list = []
         for i, layer in enumerate(model.layers):
             layer.self_attn.cache_and_attend = self._layer_op(i)
 
     def _layer_op(self, i: int):
-        attention = portable_attention if self.flavor == "portable" else ops.cpm_attention
+        n = self.state_per_layer
 
         def op(q, k, v, positions, first_row=0):
-            out, k_new, v_new = attention(q, k, v, self._past[2 * i], self._past[2 * i + 1], positions,
-                                          self.sparse)
-            self._present += [k_new, v_new]
-            return out
+            past = self._past[n * i:n * i + n]
+            if self.flavor == "portable":
+                outs = portable_attention(q, k, v, *past, positions, self.sparse)
+            else:
+                outs = ops.cpm_attention(q, k, v, past[0], past[1], positions, self.sparse, *past[2:])
+            self._present += list(outs[1:])
+            return outs[0]
         return op
 
     def forward(self, input_ids, positions, *past):
@@ -129,10 +136,26 @@ def model_hash(model_dir: Path) -> str:
     return h.hexdigest()
 
 
-def io_names(n_layers: int) -> tuple[list[str], list[str]]:
-    caches = [f"{kind}_{i}" for i in range(n_layers) for kind in ("key", "value")]
-    return (["input_ids", "positions", *[f"past_{c}" for c in caches]],
-            ["logits", *[f"present_{c}" for c in caches]])
+def carries_compressed_keys(flavor: str, sparse: InfLLMv2Config | None) -> bool:
+    """trt-flavor sparse layers keep InfLLM v2's compressed keys between calls (the portable graph
+    recomputes its selection inside standard ops)."""
+    return flavor == "trt" and sparse is not None
+
+
+def state_specs(config, flavor: str, max_seq: int, dtype: str) -> list[dict]:
+    """Every tensor the graph carries between calls, in input order: name pair, per-row shape, dtype."""
+    from trt_plugins.plans import n_kernels
+
+    kinds = [("key", max_seq, dtype), ("value", max_seq, dtype)]
+    if carries_compressed_keys(flavor, config.sparse):
+        kinds.append(("ckey", n_kernels(config.sparse, max_seq), "fp32"))
+    return [{"input": f"past_{kind}_{i}", "output": f"present_{kind}_{i}",
+             "shape": [config.num_key_value_heads, length, config.head_dim], "dtype": kind_dtype}
+            for i in range(config.num_hidden_layers) for kind, length, kind_dtype in kinds]
+
+
+def io_names(state: list[dict]) -> tuple[list[str], list[str]]:
+    return ["input_ids", "positions", *[s["input"] for s in state]], ["logits", *[s["output"] for s in state]]
 
 
 def export(opts: ExportOptions, progress=lambda stage: None) -> Path:
@@ -171,14 +194,16 @@ def export(opts: ExportOptions, progress=lambda stage: None) -> Path:
     c = config
     dtype = DTYPES[opts.dtype]
     # Example sizes other than 0 and 1, which torch.export would specialise on.
-    cache_shape = (2, c.num_key_value_heads, opts.max_seq, c.head_dim)
-    past = [torch.zeros(cache_shape, dtype=dtype) for _ in range(2 * c.num_hidden_layers)]
+    state = state_specs(c, opts.flavor, opts.max_seq, opts.dtype)
+    past = [torch.zeros((2, *spec["shape"]), dtype=DTYPES[spec["dtype"]]) for spec in state]
     example = (torch.zeros(2, 3, dtype=torch.int64), torch.arange(3).expand(2, -1).contiguous(), *past)
     batch, seq = torch.export.Dim("batch", min=1, max=1024), torch.export.Dim("seq", min=1, max=opts.max_seq)
     capacity = torch.export.Dim("capacity", min=2, max=opts.max_seq)
-    cache_dims = {0: batch, 2: capacity}
-    dynamic = ({0: batch, 1: seq}, {0: batch, 1: seq}, tuple([cache_dims] * len(past)))  # *past is one tuple
-    inputs, outputs = io_names(c.num_hidden_layers)
+    # The compressed keys' length follows from the capacity; it is fixed here (the engine's capacity).
+    dims = {"key": {0: batch, 2: capacity}, "value": {0: batch, 2: capacity}, "ckey": {0: batch}}
+    dynamic = ({0: batch, 1: seq}, {0: batch, 1: seq},
+               tuple(dims[spec["input"].split("_")[1]] for spec in state))  # *past is one tuple
+    inputs, outputs = io_names(state)
 
     with destination as tmp:
         progress(f"tracing the {opts.flavor} graph ({c.num_hidden_layers} layers)")
@@ -216,6 +241,7 @@ def export(opts: ExportOptions, progress=lambda stage: None) -> Path:
             "head_dim": c.head_dim,
             "vocab_size": c.vocab_size,
             "cache_layout": "B, num_kv_heads, S, head_dim",
+            "state": state,
             "inputs": inputs,
             "outputs": outputs,
             "opsets": opsets,

@@ -1,12 +1,16 @@
-"""Run a trt-flavor graph in ONNX Runtime on CPU, the plugin nodes computed by the torch references.
-
-This is how the host proves a trt-flavor export computes what the torch model does before any TensorRT is
-involved. onnxruntime-extensions runs Python ops only in its own domain, so `graph_for_onnxruntime` writes a
-copy of the graph whose cpm_edge nodes are moved there; nothing else changes.
+"""Run a trt-flavor graph in ONNX Runtime on CPU, its plugin nodes computed one of two ways:
+  reference    the torch references (trt_plugins/ops.py): fast, the definition
+  interpreter  the plugins' own launch plans (trt_plugins/plans.py) executed with the Triton kernels in
+               Triton's interpreter: the same launches, arguments, grids and workspace layout the TensorRT
+               plugin hands the GPU, so a trt-flavor export is proven end to end on a machine without one.
+onnxruntime-extensions runs Python ops only in its own domain, so `graph_for_onnxruntime` writes a copy of
+the graph whose cpm_edge nodes are moved there (and a sparse CpmAttention, which carries InfLLM v2's
+compressed keys as a seventh input, gets an op name of its own: one Python op has one input count).
 """
 from __future__ import annotations
 
 import functools
+import os
 from pathlib import Path
 
 import numpy as np
@@ -15,11 +19,49 @@ import torch
 from trt_plugins import ops
 
 CONTRIB_DOMAIN = "ai.onnx.contrib"
+SPARSE_ATTENTION_OP = ops.ATTENTION_OP + "Sparse"  # ONNX Runtime only; TensorRT sees CpmAttention
+PLUGIN_MODES = ("reference", "interpreter")
+_MODE = {"plugins": "reference"}  # the Python ops read it at each call; set by session_options()
+
+
+def _attention(q, k, v, k_cache, v_cache, positions, kc, attrs):
+    H, Hkv, D = attrs["num_heads"], attrs["num_kv_heads"], attrs["head_dim"]
+    B, T = positions.shape
+    sparse = ops.config_from_attrs(attrs)
+    tq, tk, tv, tpos = (torch.from_numpy(q), torch.from_numpy(k), torch.from_numpy(v), torch.from_numpy(positions))
+    if _MODE["plugins"] == "interpreter":
+        from trt_plugins.attention.kernels import cpm_attention
+
+        state = [torch.from_numpy(np.array(a)) for a in (k_cache, v_cache)]  # written in place, as the plugin does
+        ckeys = torch.from_numpy(np.array(kc)) if kc is not None else None
+        out = cpm_attention(tq, tk, tv, *state, tpos, ckeys, sparse)
+        outs = [out, *state] + ([ckeys] if ckeys is not None else [])
+    else:
+        kc_t = torch.from_numpy(kc) if kc is not None else None
+        outs = list(ops.cpm_attention_eager(tq.view(B, T, H, D), tk.view(B, T, Hkv, D), tv.view(B, T, Hkv, D),
+                                            torch.from_numpy(k_cache), torch.from_numpy(v_cache), tpos, sparse, kc_t))
+        outs[0] = outs[0].reshape(B, T, H * D)
+    return tuple(o.numpy() for o in outs)
+
+
+def _ternary(x, packed, scales, attrs):
+    group = int(attrs["group_size"])
+    kind = "group" if group else "row"
+    tx, tp, ts = torch.from_numpy(x), torch.from_numpy(packed), torch.from_numpy(scales)
+    if _MODE["plugins"] == "interpreter":
+        from trt_plugins.ternary.kernels import ternary_linear
+        from trt_plugins.ternary.reference import PackedTernary, TernaryLayout
+
+        layout = TernaryLayout(kind, group or int(attrs["in_features"]))
+        y = ternary_linear(tx, PackedTernary(tp.view(torch.uint8), ts, int(attrs["in_features"]), layout))
+    else:
+        y = ops.cpm_ternary_gemm(tx, tp, ts, int(attrs["in_features"]), group, kind)
+    return y.numpy().astype(np.float32)
 
 
 @functools.lru_cache(maxsize=1)
-def register_reference_ops() -> str:
-    """Register CpmAttention and CpmTernaryGemm as Python ops; returns the library path for SessionOptions."""
+def register_ops() -> str:
+    """Register CpmAttention (dense and sparse) and CpmTernaryGemm as Python ops; returns the library path."""
     from onnxruntime_extensions import PyCustomOpDef, get_library_path, onnx_op
 
     f32, i64, i8, s = (PyCustomOpDef.dt_float, PyCustomOpDef.dt_int64, PyCustomOpDef.dt_int8,
@@ -30,23 +72,18 @@ def register_reference_ops() -> str:
     @onnx_op(op_type=ops.ATTENTION_OP, inputs=[f32, f32, f32, f32, f32, i64], outputs=[f32, f32, f32],
              attrs=attention_attrs)
     def cpm_attention(q, k, v, k_cache, v_cache, positions, **attrs):
-        H, Hkv, D = attrs["num_heads"], attrs["num_kv_heads"], attrs["head_dim"]
-        B, T = positions.shape
-        out, k_all, v_all = ops.cpm_attention_eager(
-            torch.from_numpy(q).view(B, T, H, D), torch.from_numpy(k).view(B, T, Hkv, D),
-            torch.from_numpy(v).view(B, T, Hkv, D), torch.from_numpy(k_cache), torch.from_numpy(v_cache),
-            torch.from_numpy(positions), ops.config_from_attrs(attrs))
-        return out.reshape(B, T, H * D).numpy(), k_all.numpy(), v_all.numpy()
+        return _attention(q, k, v, k_cache, v_cache, positions, None, attrs)
+
+    @onnx_op(op_type=SPARSE_ATTENTION_OP, inputs=[f32, f32, f32, f32, f32, i64, f32],
+             outputs=[f32, f32, f32, f32], attrs=attention_attrs)
+    def cpm_attention_sparse(q, k, v, k_cache, v_cache, positions, kc, **attrs):
+        return _attention(q, k, v, k_cache, v_cache, positions, kc, attrs)
 
     @onnx_op(op_type=ops.TERNARY_OP, inputs=[f32, i8, f32], outputs=[f32],
              attrs={"in_features": i64, "out_features": i64, "group_size": i64, "plugin_version": s,
                     "plugin_namespace": s})
     def cpm_ternary_gemm(x, packed, scales, **attrs):
-        group = int(attrs["group_size"])
-        kind = "group" if group else "row"
-        y = ops.cpm_ternary_gemm(torch.from_numpy(x), torch.from_numpy(packed), torch.from_numpy(scales),
-                                 int(attrs["in_features"]), group, kind)
-        return y.numpy().astype(np.float32)
+        return _ternary(x, packed, scales, attrs)
 
     return get_library_path()
 
@@ -65,6 +102,8 @@ def graph_for_onnxruntime(export_dir: Path, out_dir: Path) -> Path:
     for node in model.graph.node:
         if node.domain == ops.NAMESPACE:
             node.domain = CONTRIB_DOMAIN
+            if node.op_type == ops.ATTENTION_OP and len(node.input) == 7:
+                node.op_type = SPARSE_ATTENTION_OP
     imports = [o for o in model.opset_import if o.domain != ops.NAMESPACE]
     del model.opset_import[:]
     model.opset_import.extend(imports + [onnx.helper.make_opsetid(CONTRIB_DOMAIN, 1)])
@@ -72,10 +111,17 @@ def graph_for_onnxruntime(export_dir: Path, out_dir: Path) -> Path:
     return out_dir
 
 
-def session_options():
-    """onnxruntime SessionOptions with the reference ops registered."""
+def session_options(plugins: str = "reference"):
+    """onnxruntime SessionOptions with the plugin ops registered, computed by `plugins` (PLUGIN_MODES).
+    The mode is per process (the Python ops are registered once); interpreter needs TRITON_INTERPRET=1
+    set before Triton is first imported (`cpm-edge generate --plugins interpreter` does)."""
     import onnxruntime as ort
 
+    if plugins not in PLUGIN_MODES:
+        raise ValueError(f"--plugins: {plugins!r} is not one of {', '.join(PLUGIN_MODES)}")
+    if plugins == "interpreter" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError("--plugins interpreter: set TRITON_INTERPRET=1 before Triton is imported")
+    _MODE["plugins"] = plugins
     so = ort.SessionOptions()
-    so.register_custom_ops_library(register_reference_ops())
+    so.register_custom_ops_library(register_ops())
     return so

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from trt_plugins.attention.reference import InfLLMv2Config, attention_ref, infllm_v2_attention_ref
+from trt_plugins.attention.reference import (InfLLMv2Config, attention_ref, infllm_v2_attention_ref,
+                                             update_compressed_keys)
 from trt_plugins.names import (ATTENTION_OP, NAMESPACE, ONNX_DOMAIN_VERSION, PLUGIN_VERSION, TERNARY_OP,  # noqa: F401
                                attention_attrs, config_from_attrs, plugin_attrs)
 from trt_plugins.ternary.reference import PackedTernary, ternary_linear_ref
@@ -21,30 +22,36 @@ def write_cache(cache: torch.Tensor, new: torch.Tensor, positions: torch.Tensor)
     return out
 
 
-def cpm_attention_eager(q, k, v, k_cache, v_cache, positions, sparse: InfLLMv2Config | None):
+def cpm_attention_eager(q, k, v, k_cache, v_cache, positions, sparse: InfLLMv2Config | None, kc=None):
     """CpmAttention's definition. q (B, T, H, D) and k, v (B, T, Hkv, D) post-RoPE; caches (B, Hkv, S, D);
-    positions (B, T). Returns out (B, T, H, D) and the caches with k, v written at positions."""
+    positions (B, T), consecutive per row. Returns out (B, T, H, D) and the caches with k, v written at
+    positions; with InfLLM v2 state kc (B, Hkv, NK, D) fp32 given, also kc with the kernels this call
+    completes. The attention itself is the reference's, from the whole cache."""
     k_all, v_all = write_cache(k_cache, k, positions), write_cache(v_cache, v, positions)
     qh = q.transpose(1, 2)
     if sparse is None:
         out = attention_ref(qh, k_all, v_all, positions)
     else:
         out = infllm_v2_attention_ref(qh, k_all, v_all, positions, sparse)
-    return out.transpose(1, 2), k_all, v_all
+    if kc is None:
+        return out.transpose(1, 2), k_all, v_all
+    return out.transpose(1, 2), k_all, v_all, update_compressed_keys(kc, k_all, positions, sparse)
 
 
-def cpm_attention(q, k, v, k_cache, v_cache, positions, sparse: InfLLMv2Config | None):
-    """CpmAttention: eager reference, or the plugin node while exporting to ONNX."""
+def cpm_attention(q, k, v, k_cache, v_cache, positions, sparse: InfLLMv2Config | None, kc=None):
+    """CpmAttention: eager reference, or the plugin node while exporting to ONNX. A sparse layer carries its
+    compressed keys kc as a seventh input and fourth output (state, updated in place like the caches)."""
     if not torch.onnx.is_in_onnx_export():
-        return cpm_attention_eager(q, k, v, k_cache, v_cache, positions, sparse)
+        return cpm_attention_eager(q, k, v, k_cache, v_cache, positions, sparse, kc)
     B, T, H, D = q.shape
     attrs = {**attention_attrs(H, k.shape[2], D, sparse), **plugin_attrs()}
-    out, k_new, v_new = torch.onnx.ops.symbolic_multi_out(
-        f"{NAMESPACE}::{ATTENTION_OP}",
-        [q.reshape(B, T, H * D), k.reshape(B, T, -1), v.reshape(B, T, -1), k_cache, v_cache, positions],
-        attrs, dtypes=[q.dtype, k_cache.dtype, v_cache.dtype],
-        shapes=[[B, T, H * D], list(k_cache.shape), list(v_cache.shape)], version=ONNX_DOMAIN_VERSION)
-    return out.reshape(B, T, H, D), k_new, v_new
+    inputs = [q.reshape(B, T, H * D), k.reshape(B, T, -1), v.reshape(B, T, -1), k_cache, v_cache, positions]
+    dtypes, shapes = [q.dtype, k_cache.dtype, v_cache.dtype], [[B, T, H * D], list(k_cache.shape), list(v_cache.shape)]
+    if kc is not None:
+        inputs, dtypes, shapes = inputs + [kc], dtypes + [kc.dtype], shapes + [list(kc.shape)]
+    outs = torch.onnx.ops.symbolic_multi_out(f"{NAMESPACE}::{ATTENTION_OP}", inputs, attrs, dtypes=dtypes,
+                                             shapes=shapes, version=ONNX_DOMAIN_VERSION)
+    return (outs[0].reshape(B, T, H, D), *outs[1:])
 
 
 def cpm_ternary_gemm(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, in_features: int,

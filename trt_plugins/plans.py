@@ -246,6 +246,7 @@ class AttentionShape:
     kv_heads: int
     capacity: int     # S: positions in the cache
     head_dim: int
+    kernels: int = -1  # NK: compressed keys the state holds; -1: all a cache of `capacity` can have
 
 
 def _workspace(sizes: list[tuple[str, str, int]]) -> list[Buffer]:
@@ -285,7 +286,7 @@ def attention_plan(shape: AttentionShape, dtype: str, sparse: InfLLMv2Config | N
         return Plan(tuple(buffers), tuple(launches))
 
     cfg = sparse
-    NK, NB = n_kernels(cfg, S), cdiv(S, cfg.block_size)
+    NK, NB = shape.kernels if shape.kernels >= 0 else n_kernels(cfg, S), cdiv(S, cfg.block_size)
     chunk = min(T, SPARSE_CHUNK)
     width = min(NB, cfg.max_selected)
     kc = (Hkv * NK * D, NK * D, D, 1)

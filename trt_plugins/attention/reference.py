@@ -59,11 +59,22 @@ def append_compressed_keys(kc: torch.Tensor, k: torch.Tensor, old_len: int, new_
     at most kernel_size keys) live in the KV cache itself, so no separate tail buffer is needed.
     """
     first = visible_kernels(torch.tensor(old_len - 1), cfg).item() if old_len > 0 else 0
-    last = visible_kernels(torch.tensor(new_len - 1), cfg).item()
+    last = min(visible_kernels(torch.tensor(new_len - 1), cfg).item(), kc.shape[2])
     for j in range(first, last):
         start = j * cfg.kernel_stride
         kc[:, :, j] = k[:, :, start:start + cfg.kernel_size].float().mean(dim=2)
     return kc
+
+
+def update_compressed_keys(kc: torch.Tensor, k: torch.Tensor, q_pos: torch.Tensor,
+                           cfg: InfLLMv2Config) -> torch.Tensor:
+    """The compressed-key state after a call at positions q_pos (B, T), consecutive per row: a copy of kc
+    (B, Hkv, NK, D) with the kernels those positions complete computed from the cache k (B, Hkv, S, D)
+    that already holds this call's keys. Kernels outside that range keep their values from earlier calls."""
+    out = kc.clone()
+    for b in range(q_pos.shape[0]):
+        out[b:b + 1] = append_compressed_keys(out[b:b + 1], k[b:b + 1], int(q_pos[b, 0]), int(q_pos[b, -1]) + 1, cfg)
+    return out
 
 
 def stage1_scores(q: torch.Tensor, kc: torch.Tensor, q_pos: torch.Tensor, cfg: InfLLMv2Config) -> torch.Tensor:

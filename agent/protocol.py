@@ -117,6 +117,11 @@ class ReplyTarget:
         """Identifies a request among those in flight: reply topic + id (or correlation data)."""
         return (self.topic, _id_key(self.id), self.correlation_data)
 
+    @property
+    def refs(self) -> tuple:
+        """What a cancel or resend may name this request by (see Control.refs)."""
+        return _refs(self.id, self.correlation_data)
+
 
 @dataclass
 class Request:
@@ -294,12 +299,22 @@ class Control:
     reply_to: Optional[str] = None
     pooled: bool = False  # came on a pool topic: other agents may hold the request, so never say `unknown`
 
+    @property
+    def refs(self) -> tuple:
+        """The names this control gives: a request matches only if it shares one (then `matches` decides)."""
+        return _refs(self.id, self.correlation_data)
+
     def matches(self, target: ReplyTarget) -> bool:
         if self.reply_to is not None and self.reply_to != target.topic:
             return False
         if self.id is not None and _id_key(self.id) == _id_key(target.id):
             return True
         return self.correlation_data is not None and self.correlation_data == target.correlation_data
+
+
+def _refs(rid, correlation_data) -> tuple:
+    return tuple(ref for ref in (("id", _id_key(rid)) if rid is not None else None,
+                                 ("corr", correlation_data) if correlation_data is not None else None) if ref)
 
 
 def parse_control(msg: Inbound, limits: Limits, pooled: bool = False) -> Control:

@@ -122,7 +122,10 @@ class AgentServer:
         self.pending: deque[_Job] = deque()     # accepted, not yet in the generator
         self.jobs: dict[int, _Job] = {}         # key -> job, pending or running
         self.by_target: dict = {}               # ReplyTarget.key -> job
-        self.finished: OrderedDict = OrderedDict()  # ReplyTarget.key -> (time, topic, payload, correlation)
+        self.finished: OrderedDict = OrderedDict()  # ReplyTarget.key -> (time, target, payload)
+        # what cancel/resend name requests by (ReplyTarget.refs) -> keys: a flood of controls costs a lookup each
+        self.job_refs: dict = {}                # ref -> {job key}
+        self.finished_refs: dict = {}           # ref -> {ReplyTarget.key}
 
     # --- lifecycle ----------------------------------------------------------------------------------
     def start(self, outbox: Outbox):
@@ -255,6 +258,7 @@ class AgentServer:
             return
         self.jobs[job.key] = job
         self.by_target[req.target.key] = job
+        _index(self.job_refs, req.target.refs, job.key)
         self.pending.append(job)
 
     def _admit(self):
@@ -343,10 +347,12 @@ class AgentServer:
         """Send a request's final message and free its place (the one way every accepted request ends)."""
         if job is not None:
             self.jobs.pop(job.key, None)
+            _unindex(self.job_refs, target.refs, job.key)
             if self.by_target.get(target.key) is job:
                 del self.by_target[target.key]
             self.finished[target.key] = (self.clock(), target, payload)
             self.finished.move_to_end(target.key)
+            _index(self.finished_refs, target.refs, target.key)
             self._trim_finished()
         if code is not None:
             self._count_error(code)
@@ -358,10 +364,11 @@ class AgentServer:
         oldest = self.clock() - self.config.finished_ttl_s
         while self.finished and (len(self.finished) > self.config.finished_cache
                                  or next(iter(self.finished.values()))[0] < oldest):
-            self.finished.popitem(last=False)
+            key, (_, target, _) = self.finished.popitem(last=False)
+            _unindex(self.finished_refs, target.refs, key)
 
     def _cancel(self, control: P.Control):
-        for job in [j for j in self.jobs.values() if control.matches(j.req.target)]:
+        for job in self._jobs_named(control):
             if job in self.pending:
                 self.pending.remove(job)
                 job.admitted_at = self.clock()
@@ -371,16 +378,21 @@ class AgentServer:
 
     def _resend(self, control: P.Control):
         """After a broker restart: send again the final message of a finished request, or say it is unknown."""
-        if any(control.matches(j.req.target) for j in self.jobs.values()):
+        if self._jobs_named(control):
             return  # still running: its final message is still to come
         self._trim_finished()
-        hits = [(t, p) for _, t, p in self.finished.values() if control.matches(t)]
+        keys = {key for ref in control.refs for key in self.finished_refs.get(ref, ())}
+        hits = [(t, p) for _, t, p in (self.finished[k] for k in keys) if control.matches(t)]
         for target, payload in hits:
             self._publish(target, payload)
         if not hits and control.reply_to is not None and not control.pooled:
             target = P.ReplyTarget(control.reply_to, control.correlation_data, control.id)
             self._publish(target, P.error_payload(control.id, 0, P.UNKNOWN_REQUEST,
                                                   "no such request in flight or recently finished"))
+
+    def _jobs_named(self, control: P.Control) -> list[_Job]:
+        keys = {key for ref in control.refs for key in self.job_refs.get(ref, ())}
+        return [self.jobs[k] for k in sorted(keys) if control.matches(self.jobs[k].req.target)]
 
     def _shutdown_step(self):
         while self.pending:
@@ -404,6 +416,20 @@ class AgentServer:
     def _count_error(self, code: str):
         with self._lock:
             self.counters["errors"][code] = self.counters["errors"].get(code, 0) + 1
+
+
+def _index(index: dict, refs: tuple, key):
+    for ref in refs:
+        index.setdefault(ref, set()).add(key)
+
+
+def _unindex(index: dict, refs: tuple, key):
+    for ref in refs:
+        keys = index.get(ref)
+        if keys is not None:
+            keys.discard(key)
+            if not keys:
+                del index[ref]
 
 
 def _bundle_chunk(info: dict) -> int | None:

@@ -179,7 +179,8 @@ def plan_report(profile: DeviceProfile, config, plan, overrides: dict) -> list[s
         lines.append(f"expected decode (batch 1, position {model['position']}): ceiling "
                      f"{c['decode_tokens_per_s']:.1f} tok/s ({model['bytes_read_per_decode_token'] / 1e9:.2f} GB read "
                      f"per token at {profile.memory_bandwidth_gbs:g} GB/s), device-test floor "
-                     f"{f['decode_tokens_per_s']:.1f} tok/s")
+                     f"{f['decode_tokens_per_s']:.1f} tok/s; at position {plan.max_context}: ceiling "
+                     f"{model['decode_ceiling_at_full_context']:.1f} tok/s")
         if "prefill_tokens_per_s" in c:
             lines.append(f"expected prefill: ceiling {c['prefill_tokens_per_s']:.0f} tok/s "
                          f"({profile.tensor_tflops:g} TFLOPS), floor {f['prefill_tokens_per_s']:.0f} tok/s")

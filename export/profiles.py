@@ -181,7 +181,7 @@ class Plan:
     sparse: bool
     weight_bytes: int          # every weight, embedding table included
     kv_bytes: int              # K and V caches: batch x context positions, every layer
-    compressed_key_bytes: int  # InfLLM v2 compressed keys (fp32, one layer at a time, in the workspace)
+    compressed_key_bytes: int  # InfLLM v2 compressed keys (fp32 state of every layer, every row)
     workspace_bytes: int       # InfLLM v2 stage-1 scores, block lists and counts (one chunk of queries)
     activation_bytes: int      # the largest prefill's live tensors (estimate)
     budget_bytes: int          # 90% of the device's memory
@@ -200,7 +200,7 @@ class Plan:
 
     @property
     def fits(self) -> bool:
-        return self.kv_bytes <= self.kv_budget_bytes and self.total_bytes <= self.budget_bytes
+        return self.kv_bytes + self.compressed_key_bytes <= self.kv_budget_bytes and self.total_bytes <= self.budget_bytes
 
     def lines(self) -> list[str]:
         rows = [("weights", self.weight_bytes), ("KV cache", self.kv_bytes),
@@ -219,18 +219,22 @@ class Plan:
 
 
 def memory_plan(profile: DeviceProfile, config, context: int | None = None, batch: int | None = None) -> Plan:
-    """The memory an engine of this shape needs; the workspace is what the attention plugin asks TensorRT
-    for (trt_plugins.tensorrt_plugins.sparse_buffers, the same function)."""
-    from trt_plugins.tensorrt_plugins import sparse_buffers
-
+    """The memory an engine of this shape needs. With sparse attention the compressed keys (state every layer
+    keeps) and the workspace are those of the attention op's own launch plan (trt_plugins/plans.py), for the
+    largest shapes the engine takes: a prefill chunk of one row, a decode step of every row."""
     context = context or profile.max_context
     batch = batch or profile.max_batch
     sparse = profile.sparse and config.sparse is not None
     kc = work = 0
     if sparse:
-        kc, scores, blocks, counts = sparse_buffers(config.sparse, batch, config.num_key_value_heads, context,
-                                                    config.head_dim)
-        work = scores + blocks + counts
+        from trt_plugins.plans import SPARSE_CHUNK, AttentionShape, attention_plan
+
+        c = config
+        plans = [attention_plan(AttentionShape(rows, tokens, c.num_attention_heads, c.num_key_value_heads, context,
+                                               c.head_dim), profile.dtype, c.sparse)
+                 for rows, tokens in ((1, min(context, SPARSE_CHUNK)), (batch, 1))]
+        kc = c.num_hidden_layers * plans[1].buffer("kc").nbytes
+        work = max(p.workspace_bytes for p in plans)
     return Plan(batch, context, sparse, weight_bytes(config, profile.dtype),
                 batch * context * kv_cache_bytes_per_position(config, profile.dtype), kc, work,
                 context * activation_bytes_per_token(config, profile.dtype),  # the engine prefills up to context
@@ -244,8 +248,9 @@ def plan_for(profile: DeviceProfile, config, model_name: str = "the model", cont
     plan = memory_plan(profile, config, context)
     where = f"{profile.path}: " if context is None else f"--context {plan.max_context} on {profile.name}: "
     if not plan.fits:
-        if plan.kv_bytes > plan.kv_budget_bytes:
-            why = (f"the KV cache needs {plan.kv_bytes / GIB:.2f} GiB, kv_cache_fraction {profile.kv_cache_fraction} "
+        cache = plan.kv_bytes + plan.compressed_key_bytes
+        if cache > plan.kv_budget_bytes:
+            why = (f"the KV cache needs {cache / GIB:.2f} GiB, kv_cache_fraction {profile.kv_cache_fraction} "
                    f"of {profile.memory_gb} GB allows {plan.kv_budget_bytes / GIB:.2f} GiB")
         else:
             why = (f"{plan.total_bytes / GIB:.2f} GiB in all, more than 90% of the device's {profile.memory_gb} GB")
@@ -265,18 +270,17 @@ def weights_read_per_token(config, dtype: str) -> int:
     return weight_bytes(config, dtype) - untouched
 
 
-def kv_read_per_token(config, dtype: str, position: int, capacity: int, sparse: bool) -> int:
-    """Cache bytes one decode step of one row reads at `position`: K and V of the attended positions (all of
-    them while dense; InfLLM v2's init + window + top-k blocks beyond dense_len) and, with sparse attention, the
-    key cache once more: the plugin compresses the keys of the whole cache capacity every step."""
+def kv_read_per_token(config, dtype: str, position: int, sparse: bool) -> int:
+    """Cache bytes one decode step of one row reads at `position`: K and V of every attended position. Dense
+    (and InfLLM v2 below dense_len, where the rows go dense) that is all of them; beyond dense_len the
+    selected blocks (at most max_selected) plus the compressed keys stage 1 scores (fp32, every layer)."""
     per_position = kv_cache_bytes_per_position(config, dtype)
-    attended = position
-    if sparse and config.sparse is not None:
-        s = config.sparse
-        if position >= s.dense_len:
-            attended = min(position, (s.init_blocks + s.window_size // s.block_size + s.topk - 1) * s.block_size)
-        return attended * per_position + capacity * per_position // 2
-    return attended * per_position
+    s = config.sparse
+    if not sparse or s is None or position < s.dense_len:
+        return position * per_position
+    kernels = max(0, (position - s.kernel_size) // s.kernel_stride + 1)
+    compressed = config.num_hidden_layers * config.num_key_value_heads * kernels * config.head_dim * 4
+    return min(position, s.max_selected * s.block_size) * per_position + compressed
 
 
 def speed_model(profile: DeviceProfile, config, plan: Plan, prompt_tokens: int | None = None,
@@ -292,12 +296,15 @@ def speed_model(profile: DeviceProfile, config, plan: Plan, prompt_tokens: int |
     prompt = min(prompt_tokens or SPEED_TEST["prompt_tokens"], plan.max_context // 2)
     decode = decode_tokens or SPEED_TEST["decode_tokens"]
     position = prompt + decode // 2
-    read = weights_read_per_token(config, profile.dtype) + kv_read_per_token(
-        config, profile.dtype, position, plan.max_context, plan.sparse)
+    read = weights_read_per_token(config, profile.dtype) + kv_read_per_token(config, profile.dtype, position,
+                                                                             plan.sparse)
     ceiling = profile.memory_bandwidth_gbs * 1e9 / read
     eff = {"decode": 0.5, "prefill": 0.25, **profile.efficiency}
     overhead = profile.step_overhead_ms / 1000
+    at_full = weights_read_per_token(config, profile.dtype) + kv_read_per_token(config, profile.dtype,
+                                                                                plan.max_context - 1, plan.sparse)
     out = {"bytes_read_per_decode_token": read, "position": position, "prompt_tokens": prompt,
+           "decode_ceiling_at_full_context": profile.memory_bandwidth_gbs * 1e9 / at_full,
            "decode_tokens": decode, "memory_bandwidth_gbs": profile.memory_bandwidth_gbs, "efficiency": eff,
            "step_overhead_ms": profile.step_overhead_ms,
            "ceilings": {"decode_tokens_per_s": ceiling},

@@ -76,22 +76,24 @@ def test_orin_holds_minicpm4_8b_at_128k_by_independent_arithmetic():
     weights = 2 * (L * (2 * hid * H * D + 2 * hid * Hkv * D + 3 * hid * inter + 2 * hid) + 2 * V * hid + hid)
     assert plan.weight_bytes == weights and 16.3e9 < weights < 16.4e9  # "about 16.4 GB"
     assert plan.kv_bytes == B * S * L * 2 * Hkv * D * 2 == 16 * GIB
-    up = lambda n: -(-n // 256) * 256  # noqa: E731  (the plugin's 256-byte alignment)
+    up = lambda n: -(-n // 256) * 256  # noqa: E731  (the plugin's 256-byte alignment of workspace slices)
     kernels = (S - 32) // 16 + 1
-    assert plan.compressed_key_bytes == up(B * Hkv * kernels * D * 4)  # fp32, one layer at a time
-    chunk = 256  # queries per stage-1 pass
-    assert plan.workspace_bytes == up(B * Hkv * chunk * kernels * 4) + up(B * Hkv * chunk * (S // 64) * 4) + \
-        up(B * Hkv * chunk * 4)
+    assert plan.compressed_key_bytes == L * B * Hkv * kernels * D * 4  # fp32 state of every layer and row
+    chunk, width = 256, 64 + 2048 // 64  # queries per stage-1 pass; blocks one query attends at most
+    assert plan.workspace_bytes == up(Hkv * chunk * kernels * 4) + up(Hkv * chunk * width * 4) + Hkv * chunk * 4
     assert plan.activation_bytes == S * (2 * hid + 2 * H * D + 2 * Hkv * D + 3 * inter) * 2
     assert plan.fits and plan.total_bytes < 0.9 * 64 * GIB
 
     model = speed_model(orin, config, plan)
     per_position = L * 2 * Hkv * D * 2
-    read = weights - (V - 1) * hid * 2 + (512 + 32) * per_position + S * per_position // 2
+    read = weights - (V - 1) * hid * 2 + (512 + 32) * per_position  # the embedding table: one row gathered
     ceiling = 204.8e9 / read
     assert model["ceilings"]["decode_tokens_per_s"] == pytest.approx(ceiling, rel=1e-12)
     assert 204.8e9 / weights == pytest.approx(12.5, abs=0.05)  # the "caps it near 12.5"
-    assert 11 < ceiling < 12.5
+    assert 12.5 < ceiling < 13.1
+    # at the last position InfLLM v2 reads 96 blocks of 64 positions and every compressed key, not 128K keys
+    at_full = weights - (V - 1) * hid * 2 + 96 * 64 * per_position + L * Hkv * ((S - 1 - 32) // 16 + 1) * D * 4
+    assert model["decode_ceiling_at_full_context"] == pytest.approx(204.8e9 / at_full, rel=1e-12)
     assert model["floors"]["decode_tokens_per_s"] < ceiling  # the old floor said 15
     assert model["floors"]["prefill_tokens_per_s"] < model["ceilings"]["prefill_tokens_per_s"]
 
@@ -105,7 +107,7 @@ def test_a_context_beyond_the_published_one_is_refused(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("device, context, why", [
-    ("rtx4090", 131072, "the KV cache needs 8.00 GiB"),      # 2 rows x 128K x 32 KiB
+    ("rtx4090", 131072, "the KV cache needs 8.50 GiB"),  # 2 rows x 128K x 32 KiB + 0.5 GiB of compressed keys
     ("orin-nano-8g", None, "more than 90% of the device's 8.0 GB"),
 ])
 def test_a_context_that_does_not_fit_is_refused_with_the_plan(device, context, why, tmp_path, capsys):
@@ -160,7 +162,7 @@ def test_engine_context_exports_the_published_settings_and_leaves_config_json_al
     plan = json.loads((bundle / "plan.json").read_text())["memory"]
     L, Hkv, D = 2, 1, 128
     assert plan["kv_bytes"] == raw["max_batch"] * 2048 * L * 2 * Hkv * D * 4 and plan["sparse"] is True
-    assert plan["compressed_key_bytes"] == -(-raw["max_batch"] * Hkv * ((2048 - 32) // 16 + 1) * D * 4 // 256) * 256
+    assert plan["compressed_key_bytes"] == L * raw["max_batch"] * Hkv * ((2048 - 32) // 16 + 1) * D * 4
 
     # The graph runs with the published factors: ONNX Runtime matches the torch model of the overridden config
     # (the golden logits) and differs from the torch model of the checkpoint's own config.json.

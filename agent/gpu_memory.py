@@ -115,16 +115,17 @@ class _CudaDriver:
         self.driver.cuDevicePrimaryCtxRelease(self.device)
 
 
-def open_source(order: tuple[str, ...] = ("tegrastats", "nvml", "cuda")):
-    """(name, source) of the first source that answers here, or (None, reasons) when none does."""
+def open_source(order: tuple[str, ...] = ("tegrastats", "nvml", "cuda"), tegrastats: Optional[str] = None):
+    """(name, source) of the first source that answers here, or (None, reasons) when none does. `tegrastats`
+    names the binary (default: the Jetson's, found on PATH)."""
     makers: dict[str, Callable] = {
-        "tegrastats": lambda: _Tegrastats(shutil.which("tegrastats") or "/usr/bin/tegrastats"),
+        "tegrastats": lambda: _Tegrastats(tegrastats or shutil.which("tegrastats")),
         "nvml": _Nvml,
         "cuda": _CudaDriver,
     }
     reasons = []
     for name in order:
-        if name == "tegrastats" and not (is_jetson() and shutil.which("tegrastats")):
+        if name == "tegrastats" and not tegrastats and not (is_jetson() and shutil.which("tegrastats")):
             reasons.append("tegrastats: not a Jetson")
             continue
         try:
@@ -139,9 +140,10 @@ def open_source(order: tuple[str, ...] = ("tegrastats", "nvml", "cuda")):
 class GpuMemory:
     """Samples GPU memory in a background thread from before the model loads until stop(); keeps the peak."""
 
-    def __init__(self, interval_s: float = 0.1, order: tuple[str, ...] = ("tegrastats", "nvml", "cuda")):
+    def __init__(self, interval_s: float = 0.1, order: tuple[str, ...] = ("tegrastats", "nvml", "cuda"),
+                 tegrastats: Optional[str] = None):
         self.interval_s = interval_s
-        self.name, self.source = open_source(order)
+        self.name, self.source = open_source(order, tegrastats)
         self.baseline = self.peak = self.total = 0
         self.own_peak: Optional[int] = None
         self.samples = 0

@@ -193,6 +193,28 @@ def test_no_gpu_memory_source_says_why(tmp_path):
     assert "nvml:" in report["note"] and "cuda:" in report["note"]
 
 
+def test_tegrastats_memory_is_the_peak_over_the_baseline(tmp_path):
+    """On a Jetson the GPU's memory is the system's: the agent's share is the peak of tegrastats' RAM figure
+    over the one before the model loaded. A stand-in prints JetPack 6 tegrastats lines (none on this machine)."""
+    from agent.gpu_memory import GpuMemory
+
+    script = tmp_path / "tegrastats"
+    line = "RAM {}/62780MB (lfb 1217x4MB) SWAP 0/31390MB (cached 0MB) CPU [2%@729,1%@729] GR3D_FREQ 0%@[305,305]"
+    script.write_text("#!/bin/sh\n[ \"$1\" = --interval ] || exit 3\n"
+                      + "".join(f"echo '{line.format(mb)}'; sleep 0.3\n" for mb in (1000, 1000, 4100, 2500))
+                      + f"while true; do echo '{line.format(2500)}'; sleep 0.3; done\n")
+    script.chmod(0o755)
+    memory = GpuMemory(interval_s=0.05, tegrastats=str(script)).start()
+    assert memory.name == "tegrastats" and memory.baseline == 1000 * 2**20
+    import time
+
+    time.sleep(1.6)
+    report = memory.stop()
+    assert (report["source"], report["scope"]) == ("tegrastats", "system")
+    assert report["peak_gb"] == 4100 * 2**20 / 1e9 and report["total_gb"] == 62780 * 2**20 / 1e9
+    assert report["used_by_agent_gb"] == 3100 * 2**20 / 1e9
+
+
 def test_private_mosquitto_starts_listens_and_stops(tmp_path):
     from agent.loopback import LocalMosquitto, mosquitto_binary
 

@@ -12,6 +12,7 @@ exactly one final message, `done` or `error`: nothing is dropped silently.
 """
 from __future__ import annotations
 
+import inspect
 import logging
 import threading
 import time
@@ -107,6 +108,10 @@ class AgentServer:
         self.capacity = backend.max_batch + config.queue_size
         self.inbox = Inbox(config.control_queue_size)
         self.prefill_chunk = config.prefill_chunk or _bundle_chunk(self.info) or DEFAULT_PREFILL_CHUNK
+        if "start" not in inspect.signature(backend.prefill).parameters:
+            log.warning("%s.prefill takes no start position: prompts are prefilled whole, a long one stalls "
+                        "the other streams for its whole prefill", type(backend).__name__)
+            self.prefill_chunk = None
         self.outbox: Optional[Outbox] = None
         self._lock = threading.Lock()
         self._outstanding = 0            # accepted, not yet answered with a final message

@@ -346,3 +346,14 @@ def test_the_device_profile_key_prefill_chunk():
         profile_from_dict({**raw, "prefill_chunk": 0}, "p.yaml")
     with pytest.raises(ProfileError, match="prefill_chunk"):
         profile_from_dict({**raw, "prefill_chunk": "512"}, "p.yaml")
+
+
+def test_a_backend_without_a_start_position_prefills_whole_prompts(serve, caplog):
+    class WholePrompts(EchoBackend):
+        def prefill(self, row, ids):
+            return super().prefill(row, ids)
+
+    server, out = serve(WholePrompts(max_seq=256), prefill_chunk=4)
+    assert server.prefill_chunk is None and "takes no start position" in caplog.text
+    server.handle(req("w", "The robot arm picks up the red block."))
+    assert out.finals(1)[0]["text"] == "The robot arm picks up the red block."

@@ -92,6 +92,7 @@ class MqttTransport:
         self._stopping = False
         self.subscribed_ok = False     # the last SUBACK granted every subscription
         self.refused_topics: list[str] = []
+        self.on_granted: Optional[Callable[[], None]] = None  # called after each SUBACK that grants everything
 
     # --- lifecycle ----------------------------------------------------------------------------------
     def start(self):
@@ -182,6 +183,8 @@ class MqttTransport:
         self.subscribed_ok = not refused
         self.subscribed.set()
         self._publish_state()
+        if not refused and self.on_granted is not None:
+            self.on_granted()
 
     def _on_publish(self, client, userdata, mid, reason_code, properties):
         """MQTT v5 PUBACKs carry the broker's verdict: an ACL that denies our topics shows up here."""

@@ -1,7 +1,8 @@
 """One running device agent: the MQTT transport, the AgentServer, telemetry and the systemd watchdog.
 
     agent = Agent(config)            # connects at once; status `loading` while the model loads
-    agent.serve(backend, tokenizer, info)   # status `online`, requests taken
+    agent.serve(backend, tokenizer, info)   # requests taken; `online` and systemd's READY=1 once the broker
+                                            # granted every subscription
     agent.wait()                     # until stop() (SIGTERM/SIGINT in the CLI)
     agent.stop()                     # running requests get shutdown_grace_s, status `offline`
 """
@@ -30,6 +31,7 @@ class Agent:
         self.stopped = threading.Event()
         self.tegrastats = Tegrastats()
         self._threads: list[threading.Thread] = []
+        self._ready_sent = False
         self.transport.start()
 
     def serve(self, backend, tokenizer, info: Optional[dict] = None) -> AgentServer:
@@ -37,6 +39,7 @@ class Agent:
         self.server = AgentServer(backend, tokenizer, self.config, info)
         self.server.start(self.transport)
         status = {"max_batch": backend.max_batch, "max_seq": backend.max_seq, **_public(info)}
+        self.transport.on_granted = self._granted
         self.transport.serve(self.server.handle)      # subscribe first: `online` is published after the SUBACK
         self.transport.set_state("online", **status)
         self.tegrastats.start()
@@ -44,8 +47,13 @@ class Agent:
             t = threading.Thread(target=target, name=name, daemon=True)
             t.start()
             self._threads.append(t)
-        sd_notify("READY=1")
         return self.server
+
+    def _granted(self):
+        """Every subscription granted (network thread): tell systemd the agent is ready, once."""
+        if not self._ready_sent:
+            self._ready_sent = True
+            sd_notify("READY=1")
 
     def wait(self, timeout: Optional[float] = None) -> bool:
         return self.stopped.wait(timeout)

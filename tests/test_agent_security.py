@@ -166,7 +166,14 @@ def retained_status(port: int, device: str, timeout: float = 5.0) -> dict:
 
 
 @pytest.mark.parametrize("version", ["5", "3.1.1"])
-def test_a_refused_subscription_is_an_error_and_never_online(refusing_broker, run_agent, version, caplog):
+def test_a_refused_subscription_is_an_error_and_never_online(refusing_broker, run_agent, version, caplog,
+                                                            tmp_path, monkeypatch):
+    import socket
+
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)  # stands in for systemd's notify socket
+    notify.bind(str(tmp_path / "notify"))
+    notify.settimeout(0.5)
+    monkeypatch.setenv("NOTIFY_SOCKET", str(tmp_path / "notify"))
     agent = run_agent(refusing_broker.url, mqtt_version=version)  # waits for the SUBACK
     transport = agent.transport
     assert not transport.subscribed_ok and transport.refused_topics == ["cpm/v1/dev1/cancel"]
@@ -178,7 +185,11 @@ def test_a_refused_subscription_is_an_error_and_never_online(refusing_broker, ru
     assert "cpm/v1/dev1/cancel" in status["error"]
     transport.set_state("online")  # a later state change does not make it online either
     assert retained_status(refusing_broker.port, "dev1")["state"] == "error"
+    with pytest.raises(TimeoutError):
+        notify.recv(64)  # nor does systemd hear READY=1
     # the same broker grants every subscription of another device: that agent is online
     other = run_agent(refusing_broker.url, device_id="dev2", mqtt_version=version)
     assert other.transport.subscribed_ok and not other.transport.refused_topics
     assert wait_for(lambda: retained_status(refusing_broker.port, "dev2")["state"] == "online")
+    assert notify.recv(64) == b"READY=1"
+    notify.close()

@@ -1,17 +1,20 @@
-"""The tensorrt backend: an engine bundle (cpm-edge engine) on the device, with pycuda buffers.
+"""The tensorrt backend: an engine bundle (cpm-edge engine) on the device, with CUDA through cuda-python.
 
-Before deserializing, the bundle is verified (sha256 of every file) and checked against this GPU and this
-TensorRT; a build-on-device bundle gets its engine built and cached on first start. The KV caches are device
-buffers of (max_batch, Hkv, max_context, D) per layer; every call binds the rows it works on as both the past
-and present tensors (CpmAttention aliases them, so the plugin writes the new positions in place). Two
-execution contexts: optimization profile 0 for prefill (one row, many tokens) and 1 for decode (all rows, one
-token each). Decode steps are captured once per batch size in a CUDA graph and replayed when pycuda can
-capture streams.
+Before deserializing, the bundle is checked against this GPU and this TensorRT; a build-on-device bundle
+gets its engine built and cached on first start. The carried state (export.json "state": KV caches of
+(max_batch, Hkv, max_context, D) per layer, and InfLLM v2's compressed keys) lives in device buffers; every
+call binds the rows it works on as both the past and present tensors (CpmAttention aliases them, so the
+plugin writes in place). Two execution contexts: optimization profile 0 for prefill (one row, many tokens)
+and 1 for decode (all rows, one token each). Decode steps are captured once per batch size in a CUDA graph
+and replayed.
 
-Tested only on an NVIDIA device (make test-device); this machine class has no GPU.
+CUDA runtime calls go through cuda-python (`cuda.bindings.runtime`): its runtime API uses the device's
+primary context on whichever thread calls, the one TensorRT and the plugins' executor use too, so the agent's
+scheduler thread needs no context juggling. Tested only on an NVIDIA device (make test-device).
 """
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
 import os
@@ -19,9 +22,27 @@ from pathlib import Path
 
 import numpy as np
 
-from agent.bundle_check import BundleError, check_device, read_manifest, update_manifest, verify_files
+from agent.bundle_check import BundleError, check_device, read_manifest, update_manifest
 
 log = logging.getLogger(__name__)
+STATE_BYTES = {"fp16": 2, "bf16": 2, "fp32": 4}
+
+
+def _cuda(result, call: str):
+    """The value of a cuda-python call, or a RuntimeError naming the call and CUDA's error."""
+    err, *values = result
+    if int(err) != 0:
+        raise RuntimeError(f"{call}: CUDA error {int(err)} ({err})")
+    return values[0] if len(values) == 1 else None
+
+
+class PinnedArray:
+    """Page-locked host memory as a numpy array (cudaMallocHost), for asynchronous copies."""
+
+    def __init__(self, cudart, shape, dtype):
+        self.nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+        self.ptr = _cuda(cudart.cudaMallocHost(self.nbytes), "cudaMallocHost")
+        self.array = np.frombuffer((ctypes.c_char * self.nbytes).from_address(int(self.ptr)), dtype).reshape(shape)
 
 
 class TensorRTBackend:
@@ -29,16 +50,14 @@ class TensorRTBackend:
         from trt_plugins.engine_builder import build_bundle_engine
         from trt_plugins.tensorrt_plugins import KERNEL_DIR_ENV, import_tensorrt, register_plugins
 
-        self.bundle = Path(bundle)
-        manifest = read_manifest(self.bundle)
-        verify_files(self.bundle, manifest)
-        trt = import_tensorrt("tensorrt" if manifest["trt_flavour"] == "tensorrt" else "rtx")
-        import pycuda.autoinit  # noqa: F401
-        import pycuda.driver as cuda
+        from cuda.bindings import runtime as cudart  # cuda-bindings: the device's CUDA dependency
 
-        self.cuda, self.trt = cuda, trt
-        major, minor = cuda.Device(0).compute_capability()
-        check_device(manifest, major * 10 + minor, trt.__version__)
+        self.bundle = Path(bundle)
+        manifest = read_manifest(self.bundle)  # sizes and hashes were checked by open_bundle (check_at_start)
+        trt = import_tensorrt("tensorrt" if manifest["trt_flavour"] == "tensorrt" else "rtx")
+        self.cudart, self.trt = cudart, trt
+        props = _cuda(cudart.cudaGetDeviceProperties(0), "cudaGetDeviceProperties")
+        check_device(manifest, props.major * 10 + props.minor, trt.__version__)
         os.environ[KERNEL_DIR_ENV] = str(self.bundle / "kernels")
         register_plugins(trt)
         if not manifest.get("engine"):
@@ -57,54 +76,62 @@ class TensorRTBackend:
         if self.engine is None:
             raise BundleError(f"{self.bundle / manifest['engine']}: TensorRT could not deserialize it; rebuild it "
                               f"here: cpm-edge engine build --bundle {self.bundle}")
-        self.stream = cuda.Stream()
+        self.stream = int(_cuda(cudart.cudaStreamCreate(), "cudaStreamCreate"))
         self.prefill_context = self.engine.create_execution_context()
-        self.prefill_context.set_optimization_profile_async(0, self.stream.handle)
+        self.prefill_context.set_optimization_profile_async(0, self.stream)
         self.decode_context = self.engine.create_execution_context()
-        self.decode_context.set_optimization_profile_async(1, self.stream.handle)
-        kv, d = self.info["num_kv_heads"], self.info["head_dim"]
-        self.row_bytes = kv * self.max_seq * d * 2  # fp16/bf16
-        self.cache_names = list(zip(self.info["inputs"][2:], self.info["outputs"][1:]))
-        self.caches = [cuda.mem_alloc(self.max_batch * self.row_bytes) for _ in self.cache_names]
-        self.ids = cuda.mem_alloc(self.max_seq * 8)
-        self.positions = cuda.mem_alloc(self.max_seq * 8)
+        self.decode_context.set_optimization_profile_async(1, self.stream)
+        self.state = [dict(spec, row_bytes=int(np.prod(spec["shape"])) * STATE_BYTES[spec["dtype"]])
+                      for spec in self.info["state"]]
+        self.buffers = [self._malloc(self.max_batch * spec["row_bytes"]) for spec in self.state]
+        self.ids, self.positions = self._malloc(self.max_seq * 8), self._malloc(self.max_seq * 8)
         self.vocab = self.info["vocab_size"]
-        self.logits = cuda.mem_alloc(self.max_batch * self.vocab * 4)
-        self.host_logits = cuda.pagelocked_empty((self.max_batch, self.vocab), np.float32)
-        self.host_ids = cuda.pagelocked_empty(self.max_seq, np.int64)
-        self.host_positions = cuda.pagelocked_empty(self.max_seq, np.int64)
+        self.logits = self._malloc(self.max_batch * self.vocab * 4)
+        self.host_logits = PinnedArray(cudart, (self.max_batch, self.vocab), np.float32)
+        self.host_ids = PinnedArray(cudart, (self.max_seq,), np.int64)
+        self.host_positions = PinnedArray(cudart, (self.max_seq,), np.int64)
         self.graphs: dict[int, object] = {}
+
+    def _malloc(self, nbytes: int) -> int:
+        ptr = int(_cuda(self.cudart.cudaMalloc(nbytes), "cudaMalloc"))
+        _cuda(self.cudart.cudaMemset(ptr, 0, nbytes), "cudaMemset")
+        return ptr
 
     def _bind(self, context, first_row: int, batch: int, tokens: int):
         context.set_input_shape("input_ids", (batch, tokens))
         context.set_input_shape("positions", (batch, tokens))
-        context.set_tensor_address("input_ids", int(self.ids))
-        context.set_tensor_address("positions", int(self.positions))
-        kv, d = self.info["num_kv_heads"], self.info["head_dim"]
-        for (past, present), buffer in zip(self.cache_names, self.caches):
-            address = int(buffer) + first_row * self.row_bytes
-            context.set_input_shape(past, (batch, kv, self.max_seq, d))
-            context.set_tensor_address(past, address)
-            context.set_tensor_address(present, address)  # aliased: written in place
-        context.set_tensor_address("logits", int(self.logits))
+        context.set_tensor_address("input_ids", self.ids)
+        context.set_tensor_address("positions", self.positions)
+        for spec, buffer in zip(self.state, self.buffers):
+            address = buffer + first_row * spec["row_bytes"]
+            context.set_input_shape(spec["input"], (batch, *spec["shape"]))
+            context.set_tensor_address(spec["input"], address)
+            context.set_tensor_address(spec["output"], address)  # aliased: written in place
+        context.set_tensor_address("logits", self.logits)
+
+    def _copy(self, dst: int, src: int, nbytes: int, kind):
+        _cuda(self.cudart.cudaMemcpyAsync(dst, src, nbytes, kind, self.stream), "cudaMemcpyAsync")
 
     def _upload(self, ids: np.ndarray, positions: np.ndarray):
         n = ids.size
-        self.host_ids[:n] = ids.reshape(-1)
-        self.host_positions[:n] = positions.reshape(-1)
-        self.cuda.memcpy_htod_async(self.ids, self.host_ids[:n], self.stream)
-        self.cuda.memcpy_htod_async(self.positions, self.host_positions[:n], self.stream)
+        self.host_ids.array[:n] = ids.reshape(-1)
+        self.host_positions.array[:n] = positions.reshape(-1)
+        h2d = self.cudart.cudaMemcpyKind.cudaMemcpyHostToDevice
+        self._copy(self.ids, int(self.host_ids.ptr), n * 8, h2d)
+        self._copy(self.positions, int(self.host_positions.ptr), n * 8, h2d)
 
     def _download(self, rows: int) -> np.ndarray:
-        self.cuda.memcpy_dtoh_async(self.host_logits[:rows], self.logits, self.stream)
-        self.stream.synchronize()
-        return np.array(self.host_logits[:rows])
+        self._copy(int(self.host_logits.ptr), self.logits, rows * self.vocab * 4,
+                   self.cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost)
+        _cuda(self.cudart.cudaStreamSynchronize(self.stream), "cudaStreamSynchronize")
+        return np.array(self.host_logits.array[:rows])
 
-    def prefill(self, row: int, ids: np.ndarray) -> np.ndarray:
+    def prefill(self, row: int, ids: np.ndarray, start: int = 0) -> np.ndarray:
+        """ids at positions start.. of `row` (a later chunk of a prompt when start > 0)."""
         ids = np.asarray(ids, dtype=np.int64)
-        self._upload(ids, np.arange(ids.size, dtype=np.int64))
+        self._upload(ids, np.arange(start, start + ids.size, dtype=np.int64))
         self._bind(self.prefill_context, row, 1, ids.size)
-        if not self.prefill_context.execute_async_v3(self.stream.handle):
+        if not self.prefill_context.execute_async_v3(self.stream):
             raise RuntimeError("TensorRT prefill failed (see the TensorRT log above)")
         return self._download(1)[0]
 
@@ -113,25 +140,27 @@ class TensorRTBackend:
         self._upload(np.asarray(tokens, np.int64), np.asarray(positions, np.int64))
         graph = self.graphs.get(n)
         if graph is not None:
-            graph.launch(self.stream)
+            _cuda(self.cudart.cudaGraphLaunch(graph, self.stream), "cudaGraphLaunch")
         else:
             self._bind(self.decode_context, 0, n, 1)
-            if not self.decode_context.execute_async_v3(self.stream.handle):
+            if not self.decode_context.execute_async_v3(self.stream):
                 raise RuntimeError("TensorRT decode failed (see the TensorRT log above)")
             if n not in self.graphs:
                 self._capture(n)
         return self._download(n)
 
     def _capture(self, n: int):
-        """Record this batch size's decode step as a CUDA graph (inputs live in fixed buffers)."""
-        begin = getattr(self.stream, "begin_capture", None)
-        if begin is None:
-            self.graphs[n] = None  # this pycuda cannot capture streams: plain launches
-            return
+        """Record this batch size's decode step as a CUDA graph (inputs live in fixed buffers; the plugins
+        launch on the captured stream without allocating). A step that cannot be captured keeps plain launches."""
+        cudart = self.cudart
+        mode = cudart.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal
         try:
-            begin()
-            self.decode_context.execute_async_v3(self.stream.handle)
-            self.graphs[n] = self.stream.end_capture().instance()
-        except Exception as e:  # a plugin or driver that cannot be captured: keep plain launches
+            _cuda(cudart.cudaStreamBeginCapture(self.stream, mode), "cudaStreamBeginCapture")
+            ok = self.decode_context.execute_async_v3(self.stream)
+            graph = _cuda(cudart.cudaStreamEndCapture(self.stream), "cudaStreamEndCapture")
+            if not ok:
+                raise RuntimeError("execute_async_v3 refused to run under capture")
+            self.graphs[n] = _cuda(cudart.cudaGraphInstantiate(graph, 0), "cudaGraphInstantiate")
+        except RuntimeError as e:
             log.warning("decode of %d rows is not captured in a CUDA graph: %s", n, e)
             self.graphs[n] = None

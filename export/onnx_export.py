@@ -192,7 +192,6 @@ def export(opts: ExportOptions, progress=lambda stage: None) -> Path:
     wrapper = ExportModel(model, opts.flavor, opts.all_logits).eval()
 
     c = config
-    dtype = DTYPES[opts.dtype]
     # Example sizes other than 0 and 1, which torch.export would specialise on.
     state = state_specs(c, opts.flavor, opts.max_seq, opts.dtype)
     past = [torch.zeros((2, *spec["shape"]), dtype=DTYPES[spec["dtype"]]) for spec in state]

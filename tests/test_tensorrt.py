@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
-import numpy as np
 import pytest
 
 from export.onnx_export import ExportOptions, export
@@ -21,7 +20,7 @@ import json, sys
 from pathlib import Path
 from trt_plugins.engine_builder import EngineShapes, build_engine
 info = json.loads(Path(sys.argv[1], "export.json").read_text())
-shapes = EngineShapes(2, info["max_seq"], info["num_kv_heads"], info["head_dim"], info["inputs"][2:])
+shapes = EngineShapes.from_export(info, 2)
 blob, meta = build_engine(Path(sys.argv[1], "model.onnx"), shapes, "tensorrt-rtx")
 Path(sys.argv[2]).write_bytes(blob)
 print(json.dumps(meta))
@@ -42,21 +41,23 @@ def test_tensorrt_rtx_builds_engine_with_our_plugins(variant, tiny_models, tmp_p
     assert len(blob) > 100_000 and b"CpmAttention" in blob and b"cpm_edge" in blob
 
 
-class FakeLibrary:
-    """Stands in for the pycuda kernel library: checks every launch against the AOT report."""
+class RecordingExecutor:
+    """Stands in for the CUDA driver only (this machine has no GPU): receives what the plugin hands
+    trt_plugins/cuda_launch.py and packs every launch for cuLaunchKernel against the compiled kernels, as
+    CudaKernels.run does before its driver call. The plans themselves are executed for real by
+    tests/test_plugin_plans.py (Triton interpreter) and on a GPU by `make gpu-check`."""
 
     def __init__(self, folder: Path):
-        self.folder, self.launches = folder, []
+        self.folder, self.calls = folder, []
 
-    def find(self, prefix, suffix):
-        names = sorted(p.stem for p in self.folder.glob(f"{prefix}*{suffix}.json"))
-        assert names, (prefix, suffix)
-        return names[0]
+    def run(self, plan, addresses, workspace, stream):
+        from trt_plugins.cuda_launch import address_resolver, pack_arguments
 
-    def launch(self, config, grid, args, stream):
-        meta = json.loads((self.folder / f"{config}.json").read_text())
-        assert len(args) == len(meta["args"]), (config, len(args), meta["args"])
-        self.launches.append((config, grid))
+        address_of = address_resolver(plan, addresses, workspace)
+        for launch in plan.launches:
+            meta = json.loads((self.folder / f"{launch.config.name}.json").read_text())
+            pack_arguments(launch, meta, address_of)
+        self.calls.append((plan, addresses, workspace, stream))
 
 
 @pytest.fixture(scope="module")
@@ -68,48 +69,38 @@ def compiled_sm87(tmp_path_factory):
     return out / "sm_87"
 
 
-def test_plugin_launches_match_compiled_kernels(compiled_sm87, monkeypatch):
-    from trt_plugins import tensorrt_plugins as tp
-
-    fake = FakeLibrary(compiled_sm87)
-    monkeypatch.setattr(tp, "kernel_library", lambda: fake)
-    attention_cls, ternary_cls = (c.PLUGIN for c in tp.build_plugin_classes(trt))
-    from trt_plugins import ops
-    attention = attention_cls(ops.attention_attrs(32, 2, 128, None))
-    desc = lambda dims, dtype: SimpleNamespace(dims=dims, type=dtype)  # noqa: E731
-    half, i64 = trt.DataType.HALF, trt.DataType.INT64
-    B, T, S = 3, 1, 1024
-    attention.enqueue([desc((B, T, 32 * 128), half), desc((B, T, 2 * 128), half), desc((B, T, 2 * 128), half),
-                       desc((B, 2, S, 128), half), desc((B, 2, S, 128), half), desc((B, T), i64)],
-                      [], [1, 2, 3, 4, 5, 6], [7, 4, 5], 0, 0)
-    assert [c for c, _ in fake.launches] == ["cache_write_kernel_fp16_head_dim128"] * 2 + \
-        ["block_attention_kernel_fp16_group16_head_dim128_block_n64_dense1"]
-    ternary = ternary_cls({"in_features": 4096, "out_features": 1024, "group_size": 0})
-    ternary.enqueue([desc((1, 1, 4096), half), desc((1024, 1024), trt.DataType.INT8), desc((1024, 1), trt.DataType.FLOAT)],
-                    [], [1, 2, 3], [4], 0, 0)
-    assert fake.launches[-1] == ("ternary_matmul_kernel_fp16_group0_block_m16_block_n64", (16, 1))
-
-
-def test_sparse_plugin_launches_the_whole_selection(compiled_sm87, monkeypatch):
-    """A long prefill of an InfLLM v2 layer: compression once, then per chunk of 256 tokens stage 1,
-    selection and block-sparse attention, every launch matching a compiled kernel's arguments."""
-    from trt_plugins import names
+@pytest.mark.parametrize("sparse", [False, True])
+def test_plugin_enqueue_runs_the_plan_the_tests_execute(sparse, compiled_sm87, monkeypatch):
+    """CpmAttention's enqueue builds plans.attention_plan from TensorRT's tensor descriptions and hands it
+    with TensorRT's pointers to the GPU executor; every launch packs against a compiled sm_87 kernel."""
+    from trt_plugins import names, plans
     from trt_plugins import tensorrt_plugins as tp
     from trt_plugins.attention.config import InfLLMv2Config
 
-    fake = FakeLibrary(compiled_sm87)
-    monkeypatch.setattr(tp, "kernel_library", lambda: fake)
-    attention_cls = tp.build_plugin_classes(trt)[0].PLUGIN
-    plugin = attention_cls(names.attention_attrs(16, 2, 64, InfLLMv2Config()))
+    recorder = RecordingExecutor(compiled_sm87)
+    monkeypatch.setattr(tp, "gpu_kernels", lambda: recorder)
+    attention_cls, ternary_cls = (c.PLUGIN for c in tp.build_plugin_classes(trt))
+    cfg = InfLLMv2Config() if sparse else None
+    plugin = attention_cls(names.attention_attrs(16, 2, 64, cfg))
     desc = lambda dims, dtype: SimpleNamespace(dims=dims, type=dtype)  # noqa: E731
-    half, i64 = trt.DataType.HALF, trt.DataType.INT64
-    T, S = 600, 16384
-    plugin.enqueue([desc((1, T, 16 * 64), half), desc((1, T, 2 * 64), half), desc((1, T, 2 * 64), half),
-                    desc((1, 2, S, 64), half), desc((1, 2, S, 64), half), desc((1, T), i64)],
-                   [], [1, 2, 3, 4, 5, 6], [7, 4, 5], 1 << 20, 0)
-    kinds = [c.rsplit("_kernel", 1)[0] for c, _ in fake.launches]
-    assert kinds == ["cache_write"] * 2 + ["compress_keys"] + ["stage1_scores", "select_blocks", "block_attention"] * 3
-    assert fake.launches[4][0] == "select_blocks_kernel_fp32_ratio4_nb_pad256"  # 16384 / 64 blocks
-    assert [grid for c, grid in fake.launches if c.startswith("block_attention")] == [(256, 2), (256, 2), (88, 2)]
-    ws = tp.sparse_buffers(InfLLMv2Config(), 1, 2, S, 64)
-    assert ws[0] == 2 * 1023 * 64 * 4 and all(size % 256 == 0 for size in ws)
+    half, i64, f32 = trt.DataType.HALF, trt.DataType.INT64, trt.DataType.FLOAT
+    B, T, S = 1, 600, 16384
+    NK = plans.n_kernels(InfLLMv2Config(), S)
+    descs = [desc((B, T, 16 * 64), half), desc((B, T, 2 * 64), half), desc((B, T, 2 * 64), half),
+             desc((B, 2, S, 64), half), desc((B, 2, S, 64), half), desc((B, T), i64)]
+    pointers = [256 * (i + 1) for i in range(len(descs) + sparse)]
+    plugin.enqueue(descs + ([desc((B, 2, NK, 64), f32)] if sparse else []), [], pointers, [9 * 256], 1 << 30, 77)
+    plan, addresses, workspace, stream = recorder.calls[-1]
+    assert plan == plans.attention_plan(plans.AttentionShape(B, T, 16, 2, S, 64, NK if sparse else -1), "fp16", cfg)
+    assert addresses["q"] == 256 and addresses["positions"] == 6 * 256 and addresses["out"] == 9 * 256
+    assert (workspace, stream) == (1 << 30, 77)
+    kinds = [launch.config.kernel.rsplit("_kernel", 1)[0] for launch in plan.launches]
+    if sparse:  # compression of the new kernels, then per chunk of 256 tokens stage 1, selection, attention
+        assert kinds == ["cache_write"] * 2 + ["compress_keys"] + ["stage1_scores", "select_blocks", "block_attention"] * 3
+        assert addresses["kc"] == 7 * 256 and plan.workspace_bytes > 0
+    else:
+        assert kinds == ["cache_write"] * 2 + ["block_attention"] and plan.workspace_bytes == 0
+    ternary = ternary_cls({"in_features": 4096, "out_features": 1024, "group_size": 0})
+    ternary.enqueue([desc((1, 1, 4096), half), desc((1024, 1024), trt.DataType.INT8), desc((1024, 1), f32)],
+                    [], [256, 512, 768], [1024], 0, 0)
+    assert recorder.calls[-1][0] == plans.ternary_plan(1, 1024, 4096, 1024, 1, 0, "fp16")

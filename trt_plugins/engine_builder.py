@@ -26,21 +26,23 @@ class EngineBuildError(RuntimeError):
 class EngineShapes:
     max_batch: int
     max_context: int
-    num_kv_heads: int
-    head_dim: int
-    cache_names: list[str]
+    state: list[dict]  # export.json "state": every carried tensor, its per-row shape (KV caches, compressed keys)
+
+    @classmethod
+    def from_export(cls, info: dict, max_batch: int) -> "EngineShapes":
+        return cls(max_batch, info["max_seq"], info["state"])
 
     def profiles(self) -> list[dict[str, tuple]]:
         ctx, b = self.max_context, self.max_batch
         opt_prefill = min(512, ctx)
 
-        def cache(batch):
-            return (batch, self.num_kv_heads, ctx, self.head_dim)
+        def state(spec, batch):
+            return (batch, *spec["shape"])  # the KV caches at the export's full context
 
         prefill = {"input_ids": ((1, 1), (1, opt_prefill), (1, ctx)), "positions": ((1, 1), (1, opt_prefill), (1, ctx))}
-        prefill.update({n: (cache(1), cache(1), cache(1)) for n in self.cache_names})
+        prefill.update({s["input"]: (state(s, 1), state(s, 1), state(s, 1)) for s in self.state})
         decode = {"input_ids": ((1, 1), (b, 1), (b, 1)), "positions": ((1, 1), (b, 1), (b, 1))}
-        decode.update({n: (cache(1), cache(b), cache(b)) for n in self.cache_names})
+        decode.update({s["input"]: (state(s, 1), state(s, b), state(s, b)) for s in self.state})
         return [prefill, decode]
 
 
@@ -106,7 +108,7 @@ def build_bundle_engine(folder: Path, max_batch: int, flavour: str, progress=lam
     import os
 
     info = json.loads((folder / "export.json").read_text())
-    shapes = EngineShapes(max_batch, info["max_seq"], info["num_kv_heads"], info["head_dim"], info["inputs"][2:])
+    shapes = EngineShapes.from_export(info, max_batch)
     blob, meta = build_engine(folder / "model.onnx", shapes, flavour, progress=progress)
     tmp = folder / f".{ENGINE_FILE}.tmp"
     tmp.write_bytes(blob)

@@ -26,7 +26,6 @@ STAGE1_BLOCK_J = 32
 STAGE1_WARPS = 8       # with 4 warps the head_dim-128 variant spills 96 bytes on sm_90 (ptxas)
 COMPRESS_BLOCK_J = 16  # compressed keys written per program
 COMPRESS_WARPS = 4
-SELECT_WARPS = 4
 DENSE_BLOCK_N = 64     # keys per iteration of dense attention (any size works; one is compiled)
 SPARSE_CHUNK = 256     # tokens per stage-1/selection pass: bounds the workspace of a long prefill
 # Ternary GEMM tiles (BLOCK_M, BLOCK_N, num_warps): larger M tiles spill on sm_87 (255 registers + 100-700
@@ -38,6 +37,11 @@ TERNARY_TILE_K = 128   # weights per packed tile (4 planes of 32)
 def attention_warps(head_dim: int) -> int:
     """Warps of block_attention_kernel: at head_dim 128 four warps spill on sm_87 (ptxas), eight do not."""
     return 8 if head_dim >= 128 else 4
+
+
+def select_warps(width: int) -> int:
+    """Warps of select_blocks_kernel: rows of 1024+ blocks spill 8 bytes on sm_87 with 4 warps (ptxas)."""
+    return 8 if width >= 1024 else 4
 
 
 def next_power_of_2(n: int) -> int:
@@ -193,7 +197,7 @@ def select_launch(scores: Ptr, score_strides, pos: Ptr, pos_strides, idx: Ptr, i
                   cfg: InfLLMv2Config) -> Launch:
     """Block lists (ascending) and counts of one chunk of tokens; rows below dense_len exit at once."""
     return _launch("select_blocks_kernel", "selection", "fp32", {
-        "RATIO": cfg.block_size // cfg.kernel_stride, "NB_PAD": nb_pad(blocks)}, SELECT_WARPS,
+        "RATIO": cfg.block_size // cfg.kernel_stride, "NB_PAD": nb_pad(blocks)}, select_warps(nb_pad(blocks)),
         (tokens, batch * kv_heads), {
             "S": scores, "POS": pos, "IDX": idx, "CNT": cnt, **_strides("s", "bhtj", score_strides),
             **_strides("p", "bt", pos_strides), **_strides("i", "bhti", idx_strides),

@@ -86,7 +86,8 @@ class Agent:
                       "queue_depth": max(0, stats["outstanding"] - self.server.generator.active),
                       "active": self.server.generator.active, "max_batch": self.server.backend.max_batch,
                       "requests": {k: stats[k] for k in ("received", "accepted", "completed", "cancelled")},
-                      "errors": stats["errors"], "memory": memory(), "connects": self.transport.connects}
+                      "errors": stats["errors"], "controls_dropped": stats["controls_dropped"],
+                      "memory": memory(), "connects": self.transport.connects}
             figures = self.tegrastats.figures()
             if figures:
                 report["tegrastats"] = figures

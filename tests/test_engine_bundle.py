@@ -4,6 +4,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -145,14 +147,18 @@ def test_repo_id_found_in_the_local_hugging_face_cache(tiny_dense, tmp_path, mon
 
 def test_flash_to_a_folder_installs_and_verifies(bundles, tmp_path, capsys):
     code, _, err = run_cli(capsys, "flash", "--bundle", bundles["orin"], "--host", f"local:{tmp_path}",
-                        "--broker", "mqtt://broker.lan:1883", "--device-id", "orin-07")
+                           "--broker", "mqtt://broker.lan:1883", "--device-id", "orin-07")
     assert code == 0, err
-    assert "verifying 58 files" in err or "verifying" in err
     bundle = tmp_path / "opt" / "cpm-edge" / "bundle"
     assert verify_files(bundle, read_manifest(bundle)) == len(read_manifest(bundles["orin"])["files"])
+    assert (bundle / "model.onnx").exists()  # no engine yet: the device builds it from model.onnx
     assert list((tmp_path / "opt" / "cpm-edge" / "wheels").glob("minicpm_edge-*.whl"))
+    venv = tmp_path / "opt" / "cpm-edge" / ".venv"
+    proc = subprocess.run([str(venv / "bin" / "python"), "-c", "import cuda.bindings.driver, paho.mqtt, agent.server"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr  # the GPU launch dependency and the agent, in the device's venv
     unit = (tmp_path / "etc" / "systemd" / "system" / "cpm-edge-agent.service").read_text()
-    assert "Type=notify" in unit and "WatchdogSec" in unit
+    assert "SupplementaryGroups=video render" in unit and "--state-dir /var/lib/cpm-edge" in unit
     env = tmp_path / "etc" / "cpm-edge" / "agent.env"
     assert "CPM_EDGE_DEVICE_ID=orin-07" in env.read_text() and oct(env.stat().st_mode & 0o777) == "0o600"
     code, _, err = run_cli(capsys, "bundle", "verify", bundle)
@@ -166,17 +172,51 @@ def test_flash_refuses_a_damaged_bundle(bundles, tmp_path, capsys):
     assert code == 2 and "golden.json: sha256 differs" in err and not (tmp_path / "dev").exists()
 
 
-def test_ssh_flash_builds_the_engine_on_the_device_when_missing(bundles):
+def test_a_built_engine_lets_the_device_drop_model_onnx(bundles, tmp_path, capsys):
+    from agent.bundle_check import check_at_start, drop_onnx, engine_file
+    from cli.device_install import place_bundle
+
+    bundle, manifest = place_bundle(bundles["rtx"], tmp_path, lambda stage: None)
+    assert engine_file(bundle, manifest, None) == bundle / "engine.plan"
+    assert drop_onnx(bundle, manifest) == ("model.onnx",) and not (bundle / "model.onnx").exists()
+    code, _, err = run_cli(capsys, "bundle", "verify", bundle)
+    assert code == 0 and "model.onnx removed on purpose" in err, err
+    check_at_start(bundle)  # the cheap check accepts the recorded absence
+    code, _, err = run_cli(capsys, "engine", "build", "--bundle", bundle)
+    assert code == 2 and "model.onnx was removed" in err and "--keep-onnx" in err
+
+
+def test_an_engine_built_on_the_device_goes_to_the_state_folder(bundles, tmp_path):
+    from agent.bundle_check import STATE_ENGINE, engine_file, state_engine, update_manifest
+
+    bundle = Path(shutil.copytree(bundles["rtx"], tmp_path / "bundle"))
+    (bundle / "engine.plan").unlink()
+    manifest = update_manifest(bundle, engine=None, engine_status="build-on-device")
+    before = {p.name: p.stat().st_mtime_ns for p in bundle.iterdir()}
+    state = tmp_path / "state"
+    proc = subprocess.run([str(Path(sys.executable).with_name("cpm-edge")), "engine", "build", "--bundle", str(bundle),
+                           "--state-dir", str(state)], capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr
+    assert {p.name: p.stat().st_mtime_ns for p in bundle.iterdir()} == before  # the bundle is as flashed
+    assert engine_file(bundle, manifest, state) == state / STATE_ENGINE
+    record = json.loads((state / "engine.json").read_text())
+    assert record["size"] == (state / STATE_ENGINE).stat().st_size and record["tensorrt_module"] == "tensorrt_rtx"
+    assert not list(state.glob(".build-*"))
+    (bundle / "manifest.json").write_text((bundle / "manifest.json").read_text() + " ")
+    assert state_engine(bundle, state) == (None, f"{state / STATE_ENGINE} was built for another bundle")
+
+
+def test_ssh_flash_runs_the_device_install_with_the_gpu_extras(bundles):
+    from cli.device_install import DeviceSettings, venv_extras
     from cli.flash_commands import FlashOptions, ssh_commands
 
-    commands = ssh_commands(FlashOptions(bundles["orin"], "nvidia@orin.local"), read_manifest(bundles["orin"]),
-                            "minicpm_edge-0.1.0-py3-none-any.whl")
-    script = commands[-1][-1]
+    opts = FlashOptions(bundles["orin"], "nvidia@orin.local", DeviceSettings(broker="mqtt://broker.lan"))
+    commands = ssh_commands(opts, Path("minicpm_edge-0.1.0-py3-none-any.whl"))
     assert [c[0] for c in commands] == ["ssh", "rsync", "rsync", "ssh"]
-    order = [script.index(s) for s in ("bundle verify", "engine build --bundle", "systemctl enable --now")]
-    assert order == sorted(order)
-    with_engine = ssh_commands(FlashOptions(bundles["rtx"], "h"), read_manifest(bundles["rtx"]), "w.whl")
-    assert "engine build" not in with_engine[-1][-1]
+    assert commands[2][-2].endswith("cpm-edge-agent.service.in")  # the wheel holds no devices/: sent along
+    script = commands[-1][-1]
+    assert "--host local:/" in script and "--broker mqtt://broker.lan" in script and "pycuda" not in script
+    assert venv_extras(read_manifest(bundles["orin"])) == "agent,cuda12"
 
 
 def test_device_check_passes_the_model_that_made_it_and_catches_another(bundles, tiny_models):

@@ -27,6 +27,8 @@ from typing import Optional
 
 import numpy as np
 
+from agent.errors import AgentInputError
+
 # The engine computes in fp16/bf16, the golden logits come from fp32: compare shapes of the distribution,
 # not bits. Greedy tokens must match exactly (a flipped argmax is a regression worth a look).
 LOGITS_MIN_COSINE = 0.999
@@ -226,15 +228,28 @@ def run_device_test(folder: Path, transport: str = "auto", max_batch: Optional[i
     from agent.loopback import mosquitto_binary
 
     folder = Path(folder)
-    if transport == "auto":
+    auto = transport == "auto"
+    if auto:
         transport = "mosquitto" if mosquitto_binary() else "in-process"
     memory = GpuMemory().start()  # baseline before the model loads
+    need = (read_plan(folder).get("memory") or {}).get("total_bytes", 0)
+    if memory.available and memory.total and need > memory.total - memory.baseline:
+        memory.stop()
+        raise AgentInputError(f"{folder}: its memory plan needs {need / 1e9:.1f} GB but only "
+                              f"{(memory.total - memory.baseline) / 1e9:.1f} GB are free ({memory.name}): stop the "
+                              f"agent first (sudo systemctl stop cpm-edge-agent), device-test loads the model itself")
     try:
         start = time.perf_counter()
         backend, tokenizer, info = open_bundle(folder, max_batch=max_batch or _bundle_batch(folder))
         load_s = time.perf_counter() - start
         logits = check_first_logits(backend, folder)
-        served = serve_and_check(backend, tokenizer, info, folder, transport, timeout)
+        try:
+            served = serve_and_check(backend, tokenizer, info, folder, transport, timeout)
+        except OSError as e:  # the private broker did not come up: say so and go on without the network
+            if not auto:
+                raise
+            served = serve_and_check(backend, tokenizer, info, folder, "in-process", timeout)
+            served["transport"] += f"; mosquitto could not start: {e}"
     finally:
         gpu = memory.stop()
     plan = read_plan(folder)

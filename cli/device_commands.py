@@ -31,7 +31,13 @@ def device_test_command(args) -> int:
     if args.transport == "mosquitto" and mosquitto_binary() is None:
         raise AgentInputError("--transport mosquitto: mosquitto is not installed (apt-get install mosquitto), "
                               "or use --transport in-process")
-    report = run_device_test(folder, args.transport, timeout=args.timeout)
+    from agent.client import AgentError
+
+    try:
+        report = run_device_test(folder, args.transport, timeout=args.timeout)
+    except AgentError as e:  # the server answered an error or nothing: the device does not serve
+        print(f"device test FAILED: a request through the agent's server got {e}", file=sys.stderr)
+        return 1
     tmp = Path(f"{args.report}.tmp")
     tmp.write_text(json.dumps(report, indent=2) + "\n")
     os.replace(tmp, args.report)

@@ -163,7 +163,7 @@ def bundle_plan(opts: BundleOptions):
     context = opts.context or profile.max_context
     overrides = overrides_for(raw, context, profile.sparse)
     config = config_with(raw, overrides, str(model_dir / "config.json")) if overrides else load_config(model_dir)
-    return profile, model_name, model_dir, overrides, config, plan_for(profile, config, model_name, context)
+    return profile, model_name, model_dir, overrides, config, plan_for(profile, config, model_name, opts.context)
 
 
 def plan_report(profile: DeviceProfile, config, plan, overrides: dict) -> list[str]:

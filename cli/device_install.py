@@ -20,6 +20,7 @@ pinned dependencies win over older Debian ones.
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -58,14 +59,31 @@ class DeviceSettings:
     keep_onnx: bool = False           # keep model.onnx once the device has built its engine
 
 
+_PLAIN = re.compile(r"^[A-Za-z0-9_.,:/@%+=~-]*$")
+
+
+def env_line(key: str, value: str) -> str:
+    """KEY=VALUE as systemd's EnvironmentFile (and sh) read it: anything but plain characters in single
+    quotes, inside which nothing is special; a value holding a single quote or a line break is refused."""
+    if _PLAIN.match(value):
+        return f"{key}={value}"
+    if "'" in value or "\n" in value or "\r" in value:
+        raise AgentInputError(f"agent.env: the value of {key} holds a single quote or a line break, which an "
+                              f"EnvironmentFile cannot carry here; choose another value")
+    return f"{key}='{value}'"
+
+
 def read_env(text: str) -> dict[str, str]:
-    """KEY=VALUE lines of an EnvironmentFile (comments and blank lines skipped; no quoting is written)."""
+    """KEY=VALUE lines of an EnvironmentFile as env_line writes them (comments and blank lines skipped)."""
     out = {}
     for line in text.splitlines():
         line = line.strip()
         if line and not line.startswith("#") and "=" in line:
             key, value = line.split("=", 1)
-            out[key.strip()] = value.strip()
+            value = value.strip()
+            if len(value) >= 2 and value[0] == value[-1] == "'":
+                value = value[1:-1]
+            out[key.strip()] = value
     return out
 
 
@@ -109,8 +127,19 @@ def exec_start(settings: DeviceSettings) -> list[str]:
     return argv
 
 
-def render_unit(settings: DeviceSettings, manifest: dict, template: Path = UNIT_TEMPLATE) -> str:
-    groups = "" if manifest.get("backend") == "onnxruntime" else GPU_GROUPS
+def gpu_groups(root: Path) -> str:
+    """GPU_GROUPS that exist on the device (systemd refuses to start a unit naming a missing group); all of
+    them when ROOT has no /etc/group (a folder being prepared)."""
+    group_file = Path(root) / "etc" / "group"
+    if not group_file.exists():
+        return GPU_GROUPS
+    names = {line.split(":", 1)[0] for line in group_file.read_text().splitlines() if line}
+    return " ".join(g for g in GPU_GROUPS.split() if g in names)
+
+
+def render_unit(settings: DeviceSettings, manifest: dict, template: Path = UNIT_TEMPLATE,
+                groups: str = GPU_GROUPS) -> str:
+    groups = "" if manifest.get("backend") == "onnxruntime" else groups
     try:
         text = Path(template).read_text()
     except OSError as e:
@@ -129,7 +158,7 @@ def env_text(settings: DeviceSettings, existing: dict[str, str]) -> str:
     if settings.password_file is not None:
         values["CPM_EDGE_MQTT_PASSWORD"] = Path(settings.password_file).read_text().rstrip("\r\n")
     kept = {k: v for k, v in existing.items() if k not in values}
-    lines = [f"{k}={v}" for k, v in {**values, **kept}.items()]
+    lines = [env_line(k, v) for k, v in {**values, **kept}.items()]
     return ("# cpm-edge agent settings (written by cpm-edge flash; other keys you add are kept). Mode 0600.\n"
             + "\n".join(lines) + "\n")
 
@@ -216,7 +245,8 @@ def install(root: Path, bundle: Path, wheel: Path, settings: DeviceSettings, pyt
     env_path = root / ETC.lstrip("/") / "agent.env"
     existing = read_env(env_path.read_text()) if env_path.exists() else {}
     settings = resolve(settings, read_manifest(bundle), existing)  # bad settings: exit 2, nothing written
-    unit_text = render_unit(settings, read_manifest(bundle), unit_template)
+    unit_text = render_unit(settings, read_manifest(bundle), unit_template, gpu_groups(root))
+    env = env_text(settings, existing)
     final, manifest = place_bundle(bundle, root, progress)
     wheels = root / OPT.lstrip("/") / "wheels"
     wheels.mkdir(parents=True, exist_ok=True)
@@ -227,7 +257,7 @@ def install(root: Path, bundle: Path, wheel: Path, settings: DeviceSettings, pyt
     for key, name in TLS_FILES.items():
         if getattr(settings, key) is not None:
             write_atomic(etc / name, Path(getattr(settings, key)).read_bytes(), 0o600 if key == "key_file" else 0o644)
-    write_atomic(env_path, env_text(settings, existing).encode(), 0o600)
+    write_atomic(env_path, env.encode(), 0o600)
     unit = root / "etc" / "systemd" / "system" / UNIT_NAME
     write_atomic(unit, unit_text.encode(), 0o644)
     state = root / STATE.lstrip("/")

@@ -60,10 +60,10 @@ def build_wheel(out: Path) -> Path:
 
 def flash(opts: FlashOptions, progress=lambda stage: None) -> dict:
     from agent.bundle_check import read_manifest, verify_files
-    from cli.device_install import install, read_env, resolve
+    from cli.device_install import env_text, install, resolve
 
     manifest = read_manifest(opts.bundle)
-    resolve(opts.settings, manifest, {})  # a bad flag is refused before anything is built or copied
+    env_text(resolve(opts.settings, manifest, {}), {})  # a bad flag is refused before anything is built or copied
     progress(f"verified {verify_files(opts.bundle, manifest)} files (sha256) before copying")
     with tempfile.TemporaryDirectory() as tmp:
         wheel = opts.wheel

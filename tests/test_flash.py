@@ -295,3 +295,35 @@ def test_each_bundle_gets_the_extras_its_runtime_needs():
     assert venv_extras({"backend": "tensorrt", "trt_flavour": "tensorrt", "jetpack": "6.2"}) == "agent,cuda12"
     assert venv_extras({"backend": "tensorrt", "trt_flavour": "tensorrt", "jetpack": "7.0"}) == "agent,cuda13"
     assert venv_extras({"trt_flavour": "tensorrt-rtx", "jetpack": None}) == "agent,cuda13,tensorrt-rtx"
+
+
+def test_agent_env_holds_any_password_as_an_environment_file_reads_it(cpu_bundle, tmp_path, capsys):
+    from agent.bundle_check import read_manifest
+    from cli.device_install import DeviceSettings, env_text, read_env, resolve
+
+    password = "p a$s\\w\"rd #1 `x`"
+    secret = tmp_path / "password"
+    secret.write_text(password + "\n")
+    settings = resolve(DeviceSettings("mqtt://b", "d1", username="agent-d1", password_file=str(secret)),
+                       read_manifest(cpu_bundle), {})
+    env = tmp_path / "agent.env"
+    env.write_text(env_text(settings, {"CPM_ORT_THREADS": "2"}))
+    # sh reads single quotes as systemd's EnvironmentFile parser does: nothing inside them is special.
+    sh = subprocess.run(["sh", "-c", f'set -a; . {shlex.quote(str(env))}; printf %s "$CPM_EDGE_MQTT_PASSWORD"'],
+                        capture_output=True, text=True)
+    assert sh.stdout == password and read_env(env.read_text())["CPM_EDGE_MQTT_PASSWORD"] == password
+    assert read_env(env.read_text())["CPM_ORT_THREADS"] == "2"  # a key the user added is kept
+    secret.write_text("it's\n")
+    code, _, err = run_cli(capsys, "flash", "--bundle", cpu_bundle, "--host", f"local:{tmp_path / 'dev'}",
+                           "--username", "u", "--password-file", secret)
+    assert code == 2 and "CPM_EDGE_MQTT_PASSWORD" in err and "it's" not in err and not (tmp_path / "dev").exists()
+
+
+def test_gpu_groups_are_only_those_the_device_has(tmp_path):
+    from cli.device_install import DeviceSettings, gpu_groups, render_unit
+
+    (tmp_path / "etc").mkdir()
+    (tmp_path / "etc" / "group").write_text("root:x:0:\nvideo:x:44:\n")
+    unit = render_unit(DeviceSettings("mqtt://b", "d"), {"backend": "tensorrt"}, groups=gpu_groups(tmp_path))
+    assert unit_service(unit)["SupplementaryGroups"] == ["video"]
+    assert gpu_groups(tmp_path / "folder-without-etc") == "video render"

@@ -223,6 +223,10 @@ def make_bundle(opts: BundleOptions, encoder_for, progress=lambda stage: None) -
         for item in (tmp / "export").iterdir():
             item.rename(tmp / item.name)
         (tmp / "export").rmdir()
+        if overrides:  # the export read a temporary view of the folder: name the checkpoint and what was changed
+            info = json.loads((tmp / "export.json").read_text())
+            info.update(source=str(Path(model_dir).resolve()), config_overrides=sorted(overrides))
+            (tmp / "export.json").write_text(json.dumps(info, indent=2) + "\n")
         engine_info = {}
         if portable:
             progress("[2/5] kernels: none (ONNX Runtime's CPU kernels); [3/5] engine: none (model.onnx is run)")

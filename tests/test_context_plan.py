@@ -157,6 +157,7 @@ def test_engine_context_exports_the_published_settings_and_leaves_config_json_al
     assert shipped["rope_scaling"] == published["rope_scaling"] and shipped["sparse_config"] == PUBLISHED_SPARSE
     info = json.loads((bundle / "export.json").read_text())
     assert info["sparse_config"] == PUBLISHED_SPARSE and info["max_seq"] == 2048
+    assert info["source"] == str(tiny.resolve()) and info["config_overrides"] == ["rope_scaling", "sparse_config"]
     assert PUBLISHED == published
 
     plan = json.loads((bundle / "plan.json").read_text())["memory"]

@@ -89,6 +89,9 @@ def build_on_device(bundle: Path, state_dir: Path | None = None) -> int:
         return 0
     fields = build_bundle_engine(bundle, manifest["max_batch"], manifest["trt_flavour"], progress)
     manifest = update_manifest(bundle, **fields)
+    from agent.bundle_check import write_seal
+
+    write_seal(bundle, manifest, dropped)  # every file was just hashed: the next start's check stays cheap
     print(f"engine built in {fields['engine_build_seconds']} s and cached in {bundle}/{fields['engine']}",
           file=sys.stderr)
     return 0

@@ -327,3 +327,25 @@ def test_gpu_groups_are_only_those_the_device_has(tmp_path):
     unit = render_unit(DeviceSettings("mqtt://b", "d"), {"backend": "tensorrt"}, groups=gpu_groups(tmp_path))
     assert unit_service(unit)["SupplementaryGroups"] == ["video"]
     assert gpu_groups(tmp_path / "folder-without-etc") == "video render"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root: the agent must run as a user that cannot write the bundle")
+def test_the_agent_cannot_write_the_bundle_and_says_what_to_run_instead(flashed):
+    """A GPU bundle without an engine, as the unit's user: the first-start build would write into the
+    read-only bundle, so the agent stops with exit 2 and the command to run (and the changed manifest gets
+    the full check, which it cannot record)."""
+    root, _ = flashed
+    manifest = root / "opt" / "cpm-edge" / "bundle" / "manifest.json"
+    original, stat = manifest.read_bytes(), manifest.stat()
+    raw = json.loads(original)
+    manifest.write_text(json.dumps({**raw, "backend": "tensorrt", "trt_flavour": "tensorrt", "engine": None}))
+    try:
+        agent = UnitProcess(root).start()
+        agent.proc.wait(60)
+        code, log = agent.stop()
+    finally:
+        manifest.write_bytes(original)
+        os.utime(manifest, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert code == 2, log
+    assert "manifest.json changed since the last full check" in log and "the folder is read-only" in log, log
+    assert "no engine yet, and the bundle is read-only here" in log and "engine build --bundle" in log, log

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import re
@@ -32,6 +31,13 @@ import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # gpu_check_cases beside this file, however it is run
+from gpu_check_cases import (  # noqa: E402
+    ATOL_ATTENTION, ATOL_KC, ATOL_STAGE1, COS_MIN, DRY_SIZES, GPU_SIZES, REL_TERNARY, Context, Unavailable,
+    aot_executor, check_attention_plan, check_bandwidth, check_block_list_attention, check_compress_keys,
+    check_dense_attention, check_gemv, check_infllm, check_select, check_sparse_decode, check_stage1,
+    check_ternary_linear, check_ternary_plan, run_triton)
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 DRY_RUN_OUT = ROOT / "build" / "gpu-check"
@@ -39,13 +45,6 @@ BUDGET_S = 420       # stop starting checks after 7 minutes: the slowest check (
 BUDGET_MAX_S = 480
 GRACE_S = 40         # then the time guard interrupts the check still running
 GROUPS = ("triton", "aot", "timing")
-
-# Tolerances, named with their reason.
-ATOL_ATTENTION = {"fp16": 2e-3, "bf16": 1.6e-2}  # as tests/: p is rounded to the value dtype before p @ v
-ATOL_STAGE1 = 1e-4    # fp32 dot and online softmax of the same half inputs, summed in another order
-ATOL_KC = 1e-5        # fp32 mean of kernel_size half keys, summed in another order
-REL_TERNARY = {"fp16": 2e-3, "bf16": 1.6e-2}  # of the largest |y|: both round an fp32 sum to the dtype once
-COS_MIN = 0.9999
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -70,85 +69,6 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("TRITON_INTERPRET=1 is set: unset it to check the compiled kernels, or pass --dry-run")
     args.out = args.out or (DRY_RUN_OUT if args.dry_run else RESULTS)
     return args
-
-
-# --- sizes ---------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Sizes:
-    """What one mode runs. The GPU mode uses the released models' attention shapes and the published
-    sparse_config; the dry run tiny ones the interpreter gets through in seconds."""
-    models: dict          # name -> (heads, kv_heads, head_dim); the first is the one timed
-    sparse: dict          # InfLLMv2Config keyword arguments
-    capacity: int         # cache positions in the correctness checks (not a multiple of any block)
-    tokens: int           # query tokens per row in the kernel checks
-    prefill: int          # tokens of the plans' first call (more than trt_plugins.plans.SPARSE_CHUNK on a GPU)
-    dense_start: int      # first position of the plans' dense row
-    contexts: tuple       # decode timings
-    gemv: tuple           # (N out, K in) of the ternary GEMV timings
-    ternary_cases: tuple  # (M, N, K, group or 0) of the ternary checks
-    reps: int
-    copy_bytes: int
-
-
-GPU_SIZES = Sizes(models={"MiniCPM4-8B": (32, 2, 128), "MiniCPM4-0.5B": (16, 2, 64)}, sparse={},
-                  capacity=10277, tokens=4, prefill=300, dense_start=1000, contexts=(32768, 131072),
-                  gemv=((4096, 4096), (14336, 4096), (4096, 14336)),
-                  ternary_cases=((1, 1000, 2000, 0), (37, 1000, 2000, 0), (1, 768, 1920, 128), (5, 768, 1920, 32)),
-                  reps=50, copy_bytes=1 << 30)
-DRY_SIZES = Sizes(models={"tiny": (4, 2, 64)},
-                  sparse=dict(kernel_size=16, kernel_stride=8, block_size=32, window_size=64, topk=4, dense_len=48),
-                  capacity=100, tokens=2, prefill=12, dense_start=10, contexts=(130,),
-                  gemv=((96, 256),), ternary_cases=((1, 70, 200, 0), (3, 64, 256, 128)), reps=2, copy_bytes=1 << 22)
-
-
-# --- pure arithmetic and results ---------------------------------------------------------------------------
-def copy_bandwidth_gbs(nbytes: int, ms: float) -> float:
-    """A device-to-device copy of nbytes reads and writes each byte once."""
-    return 2 * nbytes / (ms * 1e-3) / 1e9
-
-
-def achieved(read_bytes: int, ms: float, bandwidth_gbs: float | None) -> dict:
-    """GB/s an op reaching `read_bytes` in `ms` makes, and its share of the measured copy bandwidth."""
-    gbs = read_bytes / (ms * 1e-3) / 1e9
-    return {"gbs": gbs, "pct_of_copy_bandwidth": None if not bandwidth_gbs else 100 * gbs / bandwidth_gbs}
-
-
-def rotation_sets(read_bytes: int, set_bytes: int, l2_bytes: int, max_total: int = 8 << 30) -> int:
-    """Input sets to rotate among so that no timed call finds the last one's reads in L2: together they read
-    three L2s, within max_total bytes of memory (at least 2 sets, at most 64)."""
-    want = math.ceil(3 * l2_bytes / max(read_bytes, 1)) + 1
-    return max(2, min(want, 64, max_total // max(set_bytes, 1)))
-
-
-def visible_kernels(pos: int, kernel_size: int, kernel_stride: int, n_kernels: int) -> int:
-    """Compressed keys a query at `pos` scores (reference.visible_kernels, capped by the state's size)."""
-    return max(0, min((pos - kernel_size + 1) // kernel_stride + 1, n_kernels)) if pos >= kernel_size - 1 else 0
-
-
-def sparse_decode_bytes(block_idx, block_cnt, positions, *, heads: int, kv_heads: int, head_dim: int,
-                        elem: int, block_size: int, n_visible: list[int]) -> dict:
-    """Bytes one InfLLM v2 decode token per row must read: keys and values of the blocks it attends (those
-    up to its position), the fp32 compressed keys it scores, its query. block_idx (B*Hkv, width) and block_cnt
-    (B*Hkv,) as the selection left them in the plan's workspace; positions and n_visible per row."""
-    keys = 0
-    for r, (row, count) in enumerate(zip(block_idx, block_cnt)):
-        pos = positions[r // kv_heads]
-        keys += sum(max(0, min(block_size, pos + 1 - b * block_size)) for b in row[:count])
-    out = {"keys_attended": keys, "kv_bytes": 2 * keys * head_dim * elem,
-           "compressed_key_bytes": kv_heads * sum(n_visible) * head_dim * 4,
-           "q_bytes": len(positions) * heads * head_dim * elem}
-    out["total"] = out["kv_bytes"] + out["compressed_key_bytes"] + out["q_bytes"]
-    return out
-
-
-def dense_decode_bytes(positions, *, heads: int, kv_heads: int, head_dim: int, elem: int) -> int:
-    """Dense attention of one token per row: every key and value up to its position, and the query."""
-    return sum(2 * kv_heads * (p + 1) * head_dim * elem + heads * head_dim * elem for p in positions)
-
-
-def plan_input_bytes(plan) -> int:
-    """Bytes of a plan's inputs (a GEMV reads each once: x, the 2-bit codes, the scales)."""
-    return sum(b.nbytes for b in plan.buffers if b.kind == "input")
 
 
 def result_name(device_name: str, dry_run: bool) -> str:
@@ -180,10 +100,6 @@ class Check:
     name: str
     group: str
     fn: object  # () -> dict with "pass"; or raises Unavailable
-
-
-class Unavailable(Exception):
-    """A check that cannot run here, with the reason (not a failure of what it checks)."""
 
 
 @dataclass
@@ -289,467 +205,6 @@ def environment(dry_run: bool) -> dict:
     return {"device": device, "versions": versions, "git_commit": commit, "machine": platform.node()}
 
 
-# --- timing -----------------------------------------------------------------------------------------------
-class Clock:
-    """Median milliseconds per call: CUDA events on a GPU (eager, and one CUDA graph of every rotated call),
-    perf_counter on CPU. Calls rotate among input sets so none finds the previous one's reads in L2."""
-
-    def __init__(self, cuda: bool):
-        self.cuda = cuda
-
-    def eager_ms(self, calls: list, reps: int) -> float:
-        import torch
-
-        for c in calls:  # warm-up: JIT compilation, allocator
-            c()
-        if not self.cuda:
-            times = []
-            for i in range(reps):
-                t0 = time.perf_counter()
-                calls[i % len(calls)]()
-                times.append((time.perf_counter() - t0) * 1e3)
-            return sorted(times)[len(times) // 2]
-        torch.cuda.synchronize()
-        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
-        for i, (start, end) in enumerate(events):
-            start.record()
-            calls[i % len(calls)]()
-            end.record()
-        torch.cuda.synchronize()
-        return sorted(s.elapsed_time(e) for s, e in events)[reps // 2]
-
-    def graph_ms(self, calls: list, reps: int) -> float:
-        """One CUDA graph holding one call per input set: what the launches cost without the Python and
-        launch overhead of eager calls (TensorRT's AOT plugins and CUDA-graph capture remove it too)."""
-        import torch
-
-        if not self.cuda:
-            raise Unavailable("CUDA graphs need a GPU")
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for c in calls:
-                c()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            for c in calls:
-                c()
-        graph.replay()
-        torch.cuda.synchronize()
-        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
-        for start, end in events:
-            start.record()
-            graph.replay()
-            end.record()
-        torch.cuda.synchronize()
-        return sorted(s.elapsed_time(e) for s, e in events)[reps // 2] / len(calls)
-
-    def both(self, calls: list, reps: int) -> dict:
-        out = {"eager_ms": self.eager_ms(calls, reps)}
-        try:
-            out["graph_ms"] = self.graph_ms(calls, max(5, reps // 5))
-        except Unavailable as e:
-            out["graph_ms"], out["graph_note"] = None, str(e)
-        except Exception as e:  # a capture failure is a result about that op, not the end of the check
-            out["graph_ms"], out["graph_note"] = None, f"capture failed: {type(e).__name__}: {e}"
-        return out
-
-
-# --- the checks ---------------------------------------------------------------------------------------------
-@dataclass
-class Context:
-    sizes: Sizes
-    dry_run: bool
-    kernels_dir: Path | None
-    seed: int
-    bandwidth_gbs: float | None = None
-    aot: object = None
-
-    @property
-    def device(self) -> str:
-        return "cpu" if self.dry_run else "cuda"
-
-    @property
-    def cfg(self):
-        from trt_plugins.attention.config import InfLLMv2Config
-        return InfLLMv2Config(**self.sizes.sparse)
-
-    @property
-    def clock(self) -> Clock:
-        return Clock(cuda=not self.dry_run)
-
-    @property
-    def l2_bytes(self) -> int:
-        import torch
-        if self.dry_run:
-            return 0  # the interpreter has no cache to miss: two sets, to take the rotating path
-        return getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 0) or 64 << 20
-
-
-def torch_dtype(name: str):
-    import torch
-    return {"fp16": torch.float16, "bf16": torch.bfloat16}[name]
-
-
-def compare(got, expected, atol: float, relative: bool = False) -> dict:
-    """Max abs error (of the largest |expected| when relative), cosine similarity, finiteness, verdict."""
-    import torch
-
-    g, e = got.detach().float().cpu().flatten(), expected.detach().float().cpu().flatten()
-    finite = bool(torch.isfinite(g).all())
-    err = float((g - e).abs().max()) if g.numel() else 0.0
-    if relative:
-        err /= max(float(e.abs().max()), 1e-30)
-    cos = float(torch.nn.functional.cosine_similarity(g.double(), e.double(), dim=0)) if g.numel() else 1.0
-    return {("max_rel_err" if relative else "max_abs_err"): err, "tolerance": atol, "cosine": cos,
-            "cos_min": COS_MIN, "finite": finite, "pass": finite and err <= atol and cos >= COS_MIN}
-
-
-def sorted_positions(gen, rows: int, tokens: int, lo: int, hi: int):
-    """(rows, tokens) int64 positions, ascending and distinct per row, in [lo, hi)."""
-    import torch
-    return torch.stack([torch.sort(torch.randperm(hi - lo, generator=gen)[:tokens] + lo).values for _ in range(rows)])
-
-
-def lists_to_mask(idx, cnt, n_blocks: int):
-    """Block lists (..., width) with counts (...) as the selection kernel writes them -> mask (..., NB)."""
-    import torch
-    width = idx.shape[-1]
-    live = torch.arange(width, device=idx.device) < cnt[..., None]
-    mask = torch.zeros(*idx.shape[:-1], n_blocks + 1, dtype=torch.bool, device=idx.device)
-    mask.scatter_(-1, torch.where(live, idx.long(), n_blocks), True)
-    return mask[..., :n_blocks]
-
-
-class Inputs:
-    """Fresh random inputs for one check, on the check's device (seeded per check, printed in the results)."""
-
-    def __init__(self, ctx: Context, name: str):
-        import torch
-        self.gen = torch.Generator().manual_seed(ctx.seed + sum(map(ord, name)))
-        self.device = ctx.device
-
-    def randn(self, *shape, dtype):
-        import torch
-        return torch.randn(*shape, generator=self.gen).to(self.device, dtype)
-
-
-def selection_inputs(ctx: Context, name: str, model: str, dtype: str):
-    """q (B, H, T, D), k, v (B, Hkv, S, D) and sparse query positions (every row's last >= dense_len)."""
-    H, Hkv, D = ctx.sizes.models[model]
-    S, T = ctx.sizes.capacity, ctx.sizes.tokens
-    x = Inputs(ctx, name)
-    q, k, v = (x.randn(2, h, t, D, dtype=torch_dtype(dtype)) for h, t in ((H, T), (Hkv, S), (Hkv, S)))
-    pos = sorted_positions(x.gen, 2, T, ctx.cfg.dense_len, S).to(ctx.device)
-    return q, k, v, pos
-
-
-def check_compress_keys(ctx, model, dtype):
-    from trt_plugins.attention import reference as ref, selection
-    _, k, _, _ = selection_inputs(ctx, "compress", model, dtype)
-    return compare(selection.compress_keys(k, ctx.cfg), ref.compress_keys(k, ctx.cfg), ATOL_KC)
-
-
-def check_stage1(ctx, model, dtype):
-    from trt_plugins.attention import kernels, reference as ref
-    q, k, _, pos = selection_inputs(ctx, "stage1", model, dtype)
-    kc = ref.compress_keys(k, ctx.cfg)
-    return compare(kernels.stage1_scores(q, kc, pos, ctx.cfg), ref.stage1_scores(q, kc, pos, ctx.cfg), ATOL_STAGE1)
-
-
-def check_select(ctx, model, dtype):
-    """The kernel's block lists against the reference's mask, from the same stage-1 scores: exactly equal."""
-    from trt_plugins.attention import reference as ref, selection
-    q, k, _, pos = selection_inputs(ctx, "select", model, dtype)
-    n_blocks = -(-k.shape[2] // ctx.cfg.block_size)
-    scores = ref.stage1_scores(q, ref.compress_keys(k, ctx.cfg), pos, ctx.cfg)
-    idx, cnt = selection.select_blocks(scores, pos, ctx.cfg, n_blocks)
-    got = lists_to_mask(idx, cnt, n_blocks)
-    expected = ref.select_blocks(ref.block_scores(scores, n_blocks, ctx.cfg), pos, ctx.cfg)
-    differ = int((got != expected).any(-1).sum())
-    return {"rows": int(cnt.numel()), "rows_differing": differ, "blocks": n_blocks, "pass": differ == 0}
-
-
-def check_dense_attention(ctx, model, dtype):
-    from trt_plugins.attention import kernels, reference as ref
-    q, k, v, _ = selection_inputs(ctx, "dense", model, dtype)
-    pos = sorted_positions(Inputs(ctx, "dense-pos").gen, 2, q.shape[2], 0, k.shape[2]).to(ctx.device)
-    return compare(kernels.dense_attention(q, k, v, pos), ref.attention_ref(q.float(), k.float(), v.float(), pos),
-                   ATOL_ATTENTION[dtype])
-
-
-def check_block_list_attention(ctx, model, dtype):
-    """Attention over the reference selection's blocks (the wrapper hands the kernel their list)."""
-    from trt_plugins.attention import kernels, reference as ref
-    q, k, v, pos = selection_inputs(ctx, "blocks", model, dtype)
-    qf, kf, vf = q.float(), k.float(), v.float()
-    mask = ref.sparse_block_mask(qf, kf, pos, ctx.cfg)
-    out = compare(kernels.block_attention(q, k, v, pos, ctx.cfg.block_size, block_mask=mask),
-                  ref.attention_ref(qf, kf, vf, pos, mask, ctx.cfg.block_size), ATOL_ATTENTION[dtype])
-    return {**out, "blocks_attended_mean": float(mask.sum(-1).float().mean())}
-
-
-def check_infllm(ctx, model, dtype):
-    """The whole InfLLM v2 pipeline in Triton kernels, a sparse row and a dense row (below dense_len)."""
-    from trt_plugins.attention import kernels, reference as ref, selection
-    q, k, v, pos = selection_inputs(ctx, "infllm", model, dtype)
-    pos[1] = sorted_positions(Inputs(ctx, "infllm-dense").gen, 1, q.shape[2], 0, ctx.cfg.dense_len - 1)[0].to(pos)
-    qf, kf, vf = q.float(), k.float(), v.float()
-    out = compare(kernels.infllm_v2_attention(q, k, v, pos, ctx.cfg), ref.infllm_v2_attention_ref(qf, kf, vf, pos, ctx.cfg),
-                  ATOL_ATTENTION[dtype])
-    # Where the output fails, this says whether the selection differed (near-equal scores) or the attention.
-    n_blocks = -(-k.shape[2] // ctx.cfg.block_size)
-    idx, cnt = selection.select_blocks(kernels.stage1_scores(q[:1], selection.compress_keys(k[:1], ctx.cfg), pos[:1],
-                                                             ctx.cfg), pos[:1], ctx.cfg, n_blocks)
-    expected = ref.sparse_block_mask(qf[:1], kf[:1], pos[:1], ctx.cfg)
-    return {**out, "sparse_row_selection_differs_in": int((lists_to_mask(idx, cnt, n_blocks) != expected).any(-1).sum())}
-
-
-def check_ternary_linear(ctx, dtype):
-    """The wrapper (its plan, run by the Triton executor) for each case, against the reference."""
-    from trt_plugins.ternary.kernels import ternary_linear
-    results = [ternary_case(ctx, dtype, case, lambda x, p, _plan, _t: ternary_linear(x, p)) for case in ctx.sizes.ternary_cases]
-    return {"cases": results, "pass": all(r["pass"] for r in results)}
-
-
-def ternary_case(ctx, dtype, case, execute):
-    """y = x @ W^T for one (M, N, K, group) case; the reference runs on CPU (reference.unpack builds its shift
-    table there)."""
-    import torch
-    from trt_plugins import plans
-    from trt_plugins.ternary.reference import PackedTernary, TernaryLayout, pack, ternary_linear_ref
-    M, N, K, group = case
-    x = Inputs(ctx, f"ternary{case}")
-    layout = TernaryLayout("group", group) if group else TernaryLayout("row", K)
-    g = group or K
-    trits = torch.randint(-1, 2, (N, K), generator=x.gen).float()
-    scales = torch.rand(N, K // g, generator=x.gen) + 0.05
-    p_cpu = pack(trits * scales.repeat_interleave(g, dim=1), layout)
-    p = PackedTernary(p_cpu.packed.to(ctx.device), p_cpu.scales.to(ctx.device), K, layout)
-    xs = x.randn(M, K, dtype=torch_dtype(dtype))
-    plan = plans.ternary_plan(M, N, K, p.packed.shape[1], p.scales.shape[1], group, dtype)
-    tensors = {"x": xs, "packed": p.packed, "scales": p.scales,
-               "y": torch.full((M, N), float("nan"), dtype=xs.dtype, device=ctx.device)}
-    got = execute(xs, p, plan, tensors)
-    return {"case": {"M": M, "N": N, "K": K, "group": group},
-            **compare(got, ternary_linear_ref(xs.cpu(), p_cpu), REL_TERNARY[dtype], relative=True)}
-
-
-# --- the plugins' plans, by either executor -------------------------------------------------------------
-def run_triton(plan, tensors):
-    from trt_plugins.executors import run_triton as run
-    return run(plan, tensors)
-
-
-def plan_pointers(plan, tensors) -> tuple[dict, object]:
-    """The GPU executor's arguments: device pointers of the plan's buffers by name (checked for dtype and
-    size as the Triton executor checks them) and a workspace of plan.workspace_bytes."""
-    import torch
-    from trt_plugins.executors import bind
-
-    named = {b.name: tensors[b.name] for b in plan.buffers if b.kind != "workspace"}
-    bind(plan, named, device=next(iter(named.values())).device)  # raises on a wrong dtype, size or layout
-    workspace = torch.empty(max(plan.workspace_bytes, 1), dtype=torch.uint8, device=next(iter(named.values())).device)
-    return {name: t.data_ptr() for name, t in named.items()}, workspace
-
-
-def aot_executor(ctx: Context):
-    """CudaKernels over the --kernels folder (trt_plugins/cuda_launch.py), made once per run."""
-    if ctx.dry_run:
-        raise Unavailable("AOT executor unavailable: a dry run has no GPU to launch cubins on")
-    if ctx.kernels_dir is None:
-        raise Unavailable("AOT executor unavailable: no --kernels folder given "
-                          "(make gpu-check compiles one: cpm-edge kernels compile --target sm_90)")
-    if ctx.aot is None:
-        import torch
-        major, minor = torch.cuda.get_device_capability(0)
-        targets = {json.loads(p.read_text()).get("target") for p in ctx.kernels_dir.glob("*.json")}
-        if targets != {f"sm_{major}{minor}"}:
-            raise Unavailable(f"AOT executor unavailable: {ctx.kernels_dir} holds kernels for {sorted(targets)}, "
-                              f"this GPU is sm_{major}{minor}")
-        try:
-            from trt_plugins.cuda_launch import CudaKernels
-        except Exception as e:  # not written yet, or its binding is missing: say so and check the rest
-            raise Unavailable(f"AOT executor unavailable: {type(e).__name__}: {e}") from None
-        ctx.aot = CudaKernels(ctx.kernels_dir)
-    kernels = ctx.aot
-
-    def execute(plan, tensors):
-        import torch
-        addresses, workspace = plan_pointers(plan, tensors)
-        kernels.run(plan, addresses, workspace.data_ptr(), torch.cuda.current_stream().cuda_stream)
-        torch.cuda.synchronize()
-    return execute
-
-
-def check_attention_plan(ctx: Context, model: str, dtype: str, sparse: bool, execute) -> dict:
-    """CpmAttention's plan, two calls on one state: a prefill of two rows (the first crossing dense_len
-    when sparse, the second below it), then one decode token per row with the caches (and compressed
-    keys) the first call left. Output, caches and compressed keys against trt_plugins.ops' eager op."""
-    import torch
-    from trt_plugins import ops, plans
-    from trt_plugins.attention import reference as ref
-
-    H, Hkv, D = ctx.sizes.models[model]
-    S, T, cfg = ctx.sizes.capacity, ctx.sizes.prefill, (ctx.cfg if sparse else None)
-    x = Inputs(ctx, f"plan{model}{dtype}{sparse}")
-    tdt = torch_dtype(dtype)
-    first = [cfg.dense_len - T // 2 - 1 if sparse else S - T - 2, ctx.sizes.dense_start]
-    state = {"k_cache": x.randn(2, Hkv, S, D, dtype=tdt), "v_cache": x.randn(2, Hkv, S, D, dtype=tdt)}
-    if sparse:  # the compressed keys of what the caches held before the first call
-        kc = ref.compress_keys(state["k_cache"], cfg)
-        done = ref.visible_kernels(torch.tensor(first) - 1, cfg).to(kc.device)
-        state["kc"] = kc * (torch.arange(kc.shape[2], device=kc.device)[None, :] < done[:, None])[:, None, :, None]
-    expected = {k: v.clone() for k, v in state.items()}
-    steps = []
-    for tokens, start in ((T, first), (1, [p + T for p in first])):
-        positions = (torch.tensor(start)[:, None] + torch.arange(tokens)).to(ctx.device)
-        q, k, v = (x.randn(2, tokens, h * D, dtype=tdt) for h in (H, Hkv, Hkv))
-        plan = plans.attention_plan(plans.AttentionShape(2, tokens, H, Hkv, S, D), dtype, cfg)
-        tensors = {"q": q, "k": k, "v": v, "positions": positions, **state,
-                   "out": torch.full_like(q, float("nan"))}
-        execute(plan, tensors)
-        out = ops.cpm_attention_eager(q.view(2, tokens, H, D), k.view(2, tokens, Hkv, D), v.view(2, tokens, Hkv, D),
-                                      expected["k_cache"], expected["v_cache"], positions, cfg, expected.get("kc"))
-        expected = dict(zip(("k_cache", "v_cache", "kc"), out[1:]))
-        step = {"tokens": tokens, "first_positions": start, "launches": len(plan.launches),
-                "out": compare(tensors["out"], out[0].reshape(2, tokens, H * D), ATOL_ATTENTION[dtype]),
-                "caches_equal": bool(torch.equal(state["k_cache"], expected["k_cache"])
-                                     and torch.equal(state["v_cache"], expected["v_cache"]))}
-        if sparse:
-            step["kc"] = compare(state["kc"], expected["kc"], ATOL_KC)
-        step["pass"] = step["out"]["pass"] and step["caches_equal"] and step.get("kc", {"pass": True})["pass"]
-        steps.append(step)
-    return {"steps": steps, "pass": all(s["pass"] for s in steps)}
-
-
-def check_ternary_plan(ctx: Context, dtype: str, execute) -> dict:
-    def run(_x, _p, plan, tensors):
-        execute(plan, tensors)
-        return tensors["y"]
-    results = [ternary_case(ctx, dtype, case, run) for case in ctx.sizes.ternary_cases]
-    return {"cases": results, "pass": all(r["pass"] for r in results)}
-
-
-# --- timings ---------------------------------------------------------------------------------------------
-def check_bandwidth(ctx: Context) -> dict:
-    import torch
-    n = ctx.sizes.copy_bytes
-    src = torch.randint(0, 256, (n,), dtype=torch.uint8, device=ctx.device)
-    dst = torch.empty_like(src)
-    ms = ctx.clock.eager_ms([lambda: dst.copy_(src)], max(ctx.sizes.reps // 2, 3))
-    ctx.bandwidth_gbs = copy_bandwidth_gbs(n, ms)
-    return {"bytes": n, "ms": ms, "gbs": ctx.bandwidth_gbs, "pass": bool(torch.equal(src, dst))}
-
-
-def check_sparse_decode(ctx: Context, context: int) -> dict:
-    """One decode token (B=1, T=1) of the first model's attention at `context`: the CpmAttention plan by the
-    Triton executor, sparse and dense, against torch SDPA on the same cache (GQA; and on a cache expanded to
-    every query head, SDPA's fastest kernels). Checked against the eager op before it is timed."""
-    import torch
-    from trt_plugins import ops, plans
-    from trt_plugins.attention import reference as ref, selection
-    from trt_plugins.executors import DTYPE_NAMES
-
-    (H, Hkv, D), cfg, S, dtype = next(iter(ctx.sizes.models.values())), ctx.cfg, context, torch.bfloat16
-    torch.manual_seed(ctx.seed + context)
-    shape = plans.AttentionShape(1, 1, H, Hkv, S, D)
-    sparse, dense = (plans.attention_plan(shape, DTYPE_NAMES[dtype], c) for c in (cfg, None))
-    NK = sparse.buffer("kc").numel // (Hkv * D)
-    estimate = 2 * Hkv * min(S, cfg.max_selected * cfg.block_size) * D * 2 + Hkv * NK * D * 4
-    n_sets = rotation_sets(estimate, sparse.buffer("k_cache").nbytes * 2 + sparse.buffer("kc").nbytes, ctx.l2_bytes)
-    sets = []
-    for _ in range(n_sets):
-        t = {"q": torch.randn(1, 1, H * D, device=ctx.device, dtype=dtype),
-             "k": torch.randn(1, 1, Hkv * D, device=ctx.device, dtype=dtype),
-             "v": torch.randn(1, 1, Hkv * D, device=ctx.device, dtype=dtype),
-             "k_cache": torch.randn(1, Hkv, S, D, device=ctx.device, dtype=dtype),
-             "v_cache": torch.randn(1, Hkv, S, D, device=ctx.device, dtype=dtype),
-             "positions": torch.tensor([[S - 1]], device=ctx.device), "out": torch.empty(1, 1, H * D, device=ctx.device, dtype=dtype)}
-        t["kc"] = selection.compress_keys(t["k_cache"], cfg)
-        sets.append(t)
-    t = sets[0]
-    q4 = lambda s: s["q"].view(1, 1, H, D).transpose(1, 2)  # noqa: E731  (B, H, T, D)
-    expected = ops.cpm_attention_eager(t["q"].view(1, 1, H, D), t["k"].view(1, 1, Hkv, D), t["v"].view(1, 1, Hkv, D),
-                                       t["k_cache"].clone(), t["v_cache"].clone(), t["positions"], cfg, t["kc"].clone())
-    bound = run_triton(sparse, t)
-    correct = compare(t["out"], expected[0].reshape(1, 1, H * D), ATOL_ATTENTION["bf16"])
-    pos = [S - 1]
-    n_vis = [visible_kernels(S - 1, cfg.kernel_size, cfg.kernel_stride, NK)]
-    width = sparse.buffer("block_idx").numel // Hkv
-    read = sparse_decode_bytes(bound["block_idx"].view(Hkv, width).tolist(), bound["block_cnt"].view(Hkv).tolist(), pos,
-                               heads=H, kv_heads=Hkv, head_dim=D, elem=2, block_size=cfg.block_size, n_visible=n_vis)
-    dense_read = dense_decode_bytes(pos, heads=H, kv_heads=Hkv, head_dim=D, elem=2)
-    sdpa = torch.nn.functional.scaled_dot_product_attention
-    sdpa_check = compare(sdpa(q4(t), expected[1], expected[2], enable_gqa=True),
-                         ref.attention_ref(q4(t), expected[1], expected[2], t["positions"]), ATOL_ATTENTION["bf16"])
-    reps, clock = ctx.sizes.reps, ctx.clock
-    timings = {"triton_sparse": clock.both([lambda s=s: run_triton(sparse, s) for s in sets], reps),
-               "triton_dense": clock.both([lambda s=s: run_triton(dense, s) for s in sets], reps),
-               "sdpa_gqa": clock.both([lambda s=s: sdpa(q4(s), s["k_cache"], s["v_cache"], enable_gqa=True)
-                                       for s in sets], reps)}
-    timings["triton_sparse"]["read"] = read["total"]
-    timings["triton_dense"]["read"] = timings["sdpa_gqa"]["read"] = dense_read
-    del sets[1:]
-    expanded_bytes = 2 * H * S * D * 2  # one set: it reads many times L2 per call
-    wide = [c.repeat_interleave(H // Hkv, dim=1) for c in (t["k_cache"], t["v_cache"])]
-    timings["sdpa_expanded"] = clock.both([lambda: sdpa(q4(t), *wide)], reps)
-    timings["sdpa_expanded"]["read"] = expanded_bytes
-    for entry in timings.values():
-        for mode in ("eager", "graph"):
-            if entry.get(f"{mode}_ms"):
-                entry[mode] = achieved(entry["read"], entry[f"{mode}_ms"], ctx.bandwidth_gbs)
-    return {"context": S, "rotated_sets": n_sets, "bytes_read": read, "dense_bytes_read": dense_read,
-            "timings": timings, "speedup_vs_sdpa": speedups(timings, "triton_sparse", ("sdpa_gqa", "sdpa_expanded")),
-            "correct": correct, "sdpa_equals_dense_reference": sdpa_check, "pass": correct["pass"]}
-
-
-def speedups(timings: dict, ours: str, peers: tuple) -> dict:
-    """Best peer time over ours, per timing mode (eager, graph), where both were measured."""
-    out = {}
-    for mode in ("eager_ms", "graph_ms"):
-        peer = [timings[p][mode] for p in peers if timings[p].get(mode)]
-        if peer and timings[ours].get(mode):
-            out[mode.replace("_ms", "")] = min(peer) / timings[ours][mode]
-    return out
-
-
-def check_gemv(ctx: Context, n: int, k: int) -> dict:
-    """Ternary GEMV (M=1, fp16, one scale per row: the CpmTernaryGemm plan by the Triton executor) against
-    fp16 torch.matmul, each rotating among enough weights to miss L2. Any byte is a valid code row (2-bit
-    code 3 reads as 0, as in reference.unpack), so the weights are random bytes; checked before timing."""
-    import torch
-    from trt_plugins import plans
-    from trt_plugins.ternary.reference import PackedTernary, TernaryLayout, ternary_linear_ref
-
-    torch.manual_seed(ctx.seed + n + k)
-    cols = -(-k // 128) * 32
-    plan = plans.ternary_plan(1, n, k, cols, 1, 0, "fp16")
-    read = plan_input_bytes(plan)
-    x = torch.randn(1, k, device=ctx.device, dtype=torch.float16)
-    sets = [{"x": x, "packed": torch.randint(0, 256, (n, cols), dtype=torch.uint8, device=ctx.device),
-             "scales": torch.rand(n, 1, device=ctx.device) + 0.05, "y": torch.empty(1, n, device=ctx.device, dtype=x.dtype)}
-            for _ in range(rotation_sets(read, read, ctx.l2_bytes))]
-    t = sets[0]
-    run_triton(plan, t)
-    p = PackedTernary(t["packed"].cpu(), t["scales"].cpu(), k, TernaryLayout("row", k))
-    correct = compare(t["y"], ternary_linear_ref(x.cpu(), p), REL_TERNARY["fp16"], relative=True)
-    fp16_read = n * k * 2 + k * 2
-    weights = [torch.randn(n, k, device=ctx.device, dtype=torch.float16)
-               for _ in range(rotation_sets(fp16_read, fp16_read, ctx.l2_bytes))]
-    timings = {"ternary": ctx.clock.both([lambda s=s: run_triton(plan, s) for s in sets], ctx.sizes.reps),
-               "fp16_matmul": ctx.clock.both([lambda w=w: x @ w.T for w in weights], ctx.sizes.reps)}
-    timings["ternary"]["read"], timings["fp16_matmul"]["read"] = read, fp16_read
-    for entry in timings.values():
-        for mode in ("eager", "graph"):
-            if entry.get(f"{mode}_ms"):
-                entry[mode] = achieved(entry["read"], entry[f"{mode}_ms"], ctx.bandwidth_gbs)
-    return {"shape": [n, k], "rotated_sets": len(sets), "timings": timings,
-            "speedup_vs_fp16": speedups(timings, "ternary", ("fp16_matmul",)), "correct": correct,
-            "pass": correct["pass"]}
-
-
 # --- the list, the plot, main -------------------------------------------------------------------------------
 def build_checks(ctx: Context) -> list[Check]:
     """In the order they run: the bandwidth (the timings need it), the Triton kernels, the AOT cubins,
@@ -813,15 +268,25 @@ def plot(report: dict, path: Path) -> str:
     for ax, prefix, title in ((axes[0], "sparse_decode", "decode attention, T=1 (bf16)"),
                               (axes[1], "ternary_gemv", "GEMV, M=1 (fp16)")):
         names = [n for n in done if n.startswith(prefix)]
-        ops = sorted({op for n in names for op in done[n]["timings"]})
-        width = 0.8 / max(2 * len(ops), 1)
-        for i, (op, mode) in enumerate((op, mode) for op in ops for mode in ("eager", "graph")):
-            ys = [done[n]["timings"].get(op, {}).get(f"{mode}_ms") or 0 for n in names]
-            ax.bar([j + i * width for j in range(len(names))], ys, width, label=f"{op} ({mode})")
-        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(names))], [n.split("[")[1].rstrip("]") for n in names])
-        ax.set_ylabel("ms per call (median)")
-        ax.set_yscale("log")
+        series = [(op, mode) for op in sorted({op for n in names for op in done[n]["timings"]})
+                  for mode in ("eager", "graph") if any(done[n]["timings"][op].get(f"{mode}_ms") for n in names)]
         ax.set_title(title)
+        if not series:
+            ax.text(0.5, 0.5, "not measured", ha="center", transform=ax.transAxes)
+            continue
+        width = 0.8 / len(series)
+        for i, (op, mode) in enumerate(series):
+            entries = [done[n]["timings"].get(op, {}) for n in names]
+            bars = ax.bar([j + i * width for j in range(len(names))], [e.get(f"{mode}_ms") or 0 for e in entries],
+                          width, label=f"{op} ({mode})")
+            for bar, e in zip(bars, entries):  # the share of the measured copy bandwidth, on top of each bar
+                pct = (e.get(mode) or {}).get("pct_of_copy_bandwidth")
+                if pct is not None:
+                    ax.annotate(f"{pct:.0f}%", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                                ha="center", va="bottom", fontsize=6)
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(names))], [n.split("[")[1].rstrip("]") for n in names])
+        ax.set_ylabel("ms per call (median); % of copy bandwidth on top")
+        ax.set_yscale("log")
         ax.legend(fontsize=7)
     fig.suptitle(f"{report['device']['name']}: make gpu-check")
     fig.tight_layout()

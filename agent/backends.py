@@ -30,9 +30,10 @@ def open_bundle(path: str | Path, max_batch: int = 4, max_seq: int | None = None
                                               **{k: v for k, v in manifest.items() if k != "files"}}
         if not manifest.get("engine") and not os.access(path, os.W_OK):
             # the first-start build writes into the bundle, which the unit keeps read-only: say what to run
+            cpm = Path(sys.executable).with_name("cpm-edge")
             raise AgentInputError(f"{path}: no engine yet, and the bundle is read-only here; build it on this "
-                                  f"device as root: sudo {Path(sys.executable).with_name('cpm-edge')} engine build --bundle {path} "
-                                  f"(or flash again: the flash builds it on the device)")
+                                  f"device as root: sudo {cpm} engine build --bundle {path} (or flash again: the "
+                                  f"flash builds it on the device)")
         from agent.tensorrt_backend import TensorRTBackend
         from trt_plugins.tensorrt_plugins import TensorRTMissing
         try:

@@ -11,7 +11,7 @@ BUILD      ?= build
 TARGETS    ?= sm_87,sm_89,sm_90
 SETUP_STAMP := $(VENV)/.setup-$(shell echo "$(TORCH_SPEC) $(EXTRAS)" | cksum | cut -d' ' -f1)
 
-.PHONY: setup mosquitto systemd test demo kernels engine flash test-device bench-kernels bench-agent bench-cpu clean help
+.PHONY: setup mosquitto systemd test demo kernels engine flash test-device bench-kernels bench-agent bench-cpu gpu-check gpu-kernels clean help
 
 help:
 	@echo "make demo    tiny MiniCPM4 model -> streamed answer (CPU, no downloads of models)"
@@ -21,6 +21,7 @@ help:
 	@echo "make bench-kernels   sparse-attention / ternary savings (counted; timed on an NVIDIA GPU)"
 	@echo "make bench-agent     MQTT agent: requests/s and its own overhead on a loopback Mosquitto"
 	@echo "make bench-cpu       onnxruntime backend vs llama.cpp (same fp32 weights): decode tokens/s, peak memory"
+	@echo "make gpu-check       on an NVIDIA GPU, <= 8 min: kernels vs references (JIT and AOT $(GPU_TARGET)), timings"
 
 setup: mosquitto systemd $(SETUP_STAMP)
 
@@ -91,6 +92,24 @@ bench-agent: setup
 bench-cpu: setup
 	$(PY) -m pip install -q matplotlib gguf==0.19.0 llama-cpp-python==0.3.36
 	$(PY) bench/cpu.py
+
+# On an NVIDIA GPU, at most 8 minutes, with the machine's own python (torch, triton, cuda-python; nothing is
+# installed): Triton kernels JIT-compiled vs the torch references, the AOT cubins through the GPU plan executor,
+# decode/GEMV timings -> bench/results/gpu-<gpu>.json. The cubins are compiled first, on CPU, by `make kernels`
+# into $(BUILD)/gpu-check (not $(BUILD)/kernels, which keeps every target). A GPU machine without the kit's venv
+# takes a folder compiled elsewhere: make gpu-check GPU_KERNELS=build/gpu-check/kernels/sm_90
+GPU_TARGET  ?= sm_90
+GPU_PYTHON  ?= python3
+GPU_KERNELS ?=
+gpu-check:
+	@if [ -z "$(GPU_KERNELS)" ]; then $(MAKE) --no-print-directory gpu-kernels; fi
+	timeout 480 $(GPU_PYTHON) bench/gpu_check.py --kernels $(or $(GPU_KERNELS),$(BUILD)/gpu-check/kernels/$(GPU_TARGET)) $(GPU_CHECK_FLAGS)
+
+# A compile that only reports unaccepted register spills (exit 1) still wrote its kernels: check them anyway.
+gpu-kernels:
+	rm -rf $(BUILD)/gpu-check/kernels
+	$(MAKE) --no-print-directory kernels TARGETS=$(GPU_TARGET) BUILD=$(BUILD)/gpu-check || \
+		echo "make gpu-check: the kernel compile reported the problem above; checking what it wrote"
 
 clean:
 	rm -rf $(BUILD) .pytest_cache

@@ -1,9 +1,11 @@
 """`make bench-kernels`: what the two kernels save, counted anywhere, and timed where a GPU is present.
 
 Counts (any machine): for one decode step of MiniCPM4-8B attention (per layer, per kv head group) at 8K,
-32K and 128K context, the KV bytes and FLOPs that InfLLM v2 touches versus dense attention. The selection
-is *run* (the torch reference on random keys and a random query), and the bytes are counted from the
-blocks it picked; stage 1 reads every compressed key once. Ternary: the weight bytes a GEMV reads per
+32K and 128K context, the bytes read and FLOPs of the CpmAttention plugin's launch plan with InfLLM v2
+versus its dense plan. The plan is *executed* (its Triton kernels, in the interpreter without a GPU) on
+random keys, and each launch's traffic is counted from its arguments and the blocks the selection picked
+(trt_plugins/plan_traffic.py): cache write, incremental key compression, stage 1 (two passes over the
+visible compressed keys, fp32), selection, block attention. Ternary: the weight bytes a GEMV reads per
 scale layout, against fp16.
 
 Timings (NVIDIA GPU only, triton.testing.do_bench, median over rotating inputs): Triton sparse decode vs
@@ -16,52 +18,70 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
+import os
 import platform
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from trt_plugins.attention.reference import InfLLMv2Config, sparse_block_mask, visible_kernels  # noqa: E402
+from trt_plugins.attention.reference import InfLLMv2Config  # noqa: E402
 from trt_plugins.ternary.reference import pack, weight_bytes  # noqa: E402
 from export.tiny import fake_quantize_ternary  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 CONTEXTS = (8192, 32768, 131072)
 HEAD_DIM, GROUP = 128, 16           # MiniCPM4-8B: 32 query heads, 2 kv heads
-CACHE_BYTES = 2                     # K/V and compressed keys in bf16, as the engine stores them
+CACHE_BYTES = 2                     # K/V in fp16/bf16, as the engine stores them (compressed keys: fp32)
 GEMV_SHAPES = ((1024, 4096), (4096, 4096), (4096, 16384))  # (N out, K in)
 
 
 def count_decode_step(context: int, cfg: InfLLMv2Config, seed: int) -> dict:
-    """Bytes and FLOPs of one decode token against `context` cached keys, one kv head and its group."""
+    """Bytes and FLOPs of one decode token at position context - 1, one kv head and its query group: the
+    CpmAttention plugin's plan is executed (Triton kernels; the interpreter on CPU) on random keys with the
+    compressed keys of the earlier positions in its state, and every launch's traffic counted from what it
+    was given and what the selection chose (trt_plugins/plan_traffic.py). Dense: the dense plan's launches."""
+    from trt_plugins import plans
+    from trt_plugins.attention.selection import compress_keys
+    from trt_plugins.executors import bind, run_launch
+    from trt_plugins.plan_traffic import Traffic, launch_traffic
+
     g = torch.Generator().manual_seed(seed)
-    k = torch.randn(1, 1, context, HEAD_DIM, generator=g)
-    q = torch.randn(1, GROUP, 1, HEAD_DIM, generator=g)
-    pos = torch.tensor([[context - 1]])
-    n_kernels = int(visible_kernels(pos, cfg))
-    if context < cfg.dense_len:
-        keys = context
-        stage1_bytes = stage1_flops = 0
-    else:
-        mask = sparse_block_mask(q, k, pos, cfg)[0, 0, 0]  # (NB,) blocks this token attends
-        blocks = torch.nonzero(mask).flatten()
-        keys = int(sum(min(cfg.block_size, context - b * cfg.block_size) for b in blocks.tolist()))
-        stage1_bytes = n_kernels * HEAD_DIM * CACHE_BYTES
-        stage1_flops = 2 * GROUP * n_kernels * HEAD_DIM
-    sparse_bytes = stage1_bytes + 2 * keys * HEAD_DIM * CACHE_BYTES
-    sparse_flops = stage1_flops + 4 * GROUP * keys * HEAD_DIM
-    dense_bytes = 2 * context * HEAD_DIM * CACHE_BYTES
-    dense_flops = 4 * GROUP * context * HEAD_DIM
-    return {"context": context, "keys_attended": keys, "compressed_keys_read": n_kernels,
-            "sparse_kv_bytes": sparse_bytes, "dense_kv_bytes": dense_bytes,
-            "sparse_flops": sparse_flops, "dense_flops": dense_flops,
-            "bytes_ratio": sparse_bytes / dense_bytes, "flops_ratio": sparse_flops / dense_flops}
+    dtype = torch.float16
+    shape = plans.AttentionShape(1, 1, GROUP, 1, context, HEAD_DIM)
+    k_cache = torch.randn(1, 1, context, HEAD_DIM, generator=g).to(dtype)
+    v_cache = torch.randn(1, 1, context, HEAD_DIM, generator=g).to(dtype)
+    positions = np.array([[context - 1]], dtype=np.int64)
+    kc = torch.zeros(1, 1, plans.n_kernels(cfg, context), HEAD_DIM)
+    earlier = compress_keys(k_cache[:, :, :context - 1], cfg)  # the state before this step
+    kc[:, :, :earlier.shape[2]] = earlier
+    tensors = {"q": torch.randn(1, 1, GROUP * HEAD_DIM, generator=g).to(dtype),
+               "k": torch.randn(1, 1, HEAD_DIM, generator=g).to(dtype), "v": torch.randn(1, 1, HEAD_DIM, generator=g).to(dtype),
+               "k_cache": k_cache, "v_cache": v_cache, "positions": torch.from_numpy(positions),
+               "out": torch.empty(1, 1, GROUP * HEAD_DIM, dtype=dtype), "kc": kc}
+    plan = plans.attention_plan(shape, "fp16", cfg)
+    bound = bind(plan, tensors)
+    sparse, per_kernel = Traffic(), {}
+    for launch in plan.launches:
+        run_launch(launch, bound)
+        counts = bound["block_cnt"].view(1, 1, -1)[..., :1].numpy()
+        t = launch_traffic(launch, positions, counts)
+        sparse = sparse + t
+        name = launch.config.kernel.rsplit("_kernel", 1)[0]
+        per_kernel[name] = per_kernel.get(name, 0) + t.read
+    dense = Traffic()
+    for launch in plans.attention_plan(shape, "fp16", None).launches:
+        dense = dense + launch_traffic(launch, positions)
+    return {"context": context, "blocks_attended": int(counts.sum()),
+            "compressed_keys_visible": (context - cfg.kernel_size) // cfg.kernel_stride + 1,
+            "sparse_bytes": sparse.read, "dense_bytes": dense.read, "sparse_flops": sparse.flops,
+            "dense_flops": dense.flops, "sparse_bytes_by_kernel": per_kernel,
+            "bytes_ratio": sparse.read / dense.read, "flops_ratio": sparse.flops / dense.flops}
 
 
 def count_ternary() -> list[dict]:
@@ -157,6 +177,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seed", type=int, default=int(time.time()) % 10000)
     args = parser.parse_args()
+    if not torch.cuda.is_available():  # the plans' kernels run in Triton's interpreter (set before Triton loads)
+        os.environ.setdefault("TRITON_INTERPRET", "1")
     cfg = InfLLMv2Config()  # the published sparse_config
     report = {"machine": platform.node(), "processor": platform.processor() or platform.machine(),
               "seed": args.seed, "sparse_config": vars(cfg), "cache_bytes_per_value": CACHE_BYTES,
@@ -164,9 +186,9 @@ def main() -> int:
     report["attention_counts"] = [count_decode_step(c, cfg, args.seed + i) for i, c in enumerate(CONTEXTS)]
     report["ternary_counts"] = count_ternary()
     for c in report["attention_counts"]:
-        print(f"decode at {c['context'] // 1024:4d}K: sparse touches {100 * c['bytes_ratio']:5.1f}% of dense KV "
-              f"bytes, {100 * c['flops_ratio']:5.1f}% of its FLOPs ({c['keys_attended']} keys + "
-              f"{c['compressed_keys_read']} compressed keys)")
+        parts = ", ".join(f"{k} {v / c['dense_bytes']:.1%}" for k, v in c["sparse_bytes_by_kernel"].items())
+        print(f"decode at {c['context'] // 1024:4d}K: the sparse plan reads {100 * c['bytes_ratio']:5.1f}% of the "
+              f"dense plan's bytes, {100 * c['flops_ratio']:5.1f}% of its FLOPs ({c['blocks_attended']} blocks; {parts})")
     for r in report["ternary_counts"]:
         if r["shape"] == [4096, 4096]:
             print(f"ternary 4096x4096, scales per {r['layout']:>3}: {r['ratio']:.4f} of fp16 bytes "

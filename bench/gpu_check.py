@@ -34,7 +34,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # gpu_check_cases beside this file, however it is run
 from gpu_check_cases import (  # noqa: E402
     ATOL_ATTENTION, ATOL_KC, ATOL_STAGE1, COS_MIN, DRY_SIZES, GPU_SIZES, REL_TERNARY, Context, Unavailable,
-    aot_executor, check_attention_plan, check_bandwidth, check_block_list_attention, check_compress_keys,
+    aot_executor, check_aot_preflight, check_attention_plan, check_bandwidth, check_block_list_attention, check_compress_keys,
     check_dense_attention, check_gemv, check_infllm, check_select, check_sparse_decode, check_stage1,
     check_ternary_linear, check_ternary_plan, run_triton)
 
@@ -223,6 +223,7 @@ def build_checks(ctx: Context) -> list[Check]:
                 checks.append(Check(f"cpm_attention_plan_{mode}[{model},{dt}]", "triton",
                                     lambda m=model, dt=dt, sp=mode == "sparse":
                                     check_attention_plan(ctx, m, dt, sp, run_triton)))
+    checks.append(Check("aot_preflight", "aot", lambda: check_aot_preflight(ctx)))
     for dt in dtypes:
         for model in sizes.models:
             for mode in ("dense", "sparse"):

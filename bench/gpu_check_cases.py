@@ -325,11 +325,17 @@ def check_ternary_linear(ctx, dtype):
     return {"cases": results, "pass": all(r["pass"] for r in results)}
 
 
+def ternary_case_plan(case, dtype: str):
+    """CpmTernaryGemm's plan for an (M, N, K, group or 0) case: codes (N, K padded to 128 / 4), scales (N, K / group)."""
+    from trt_plugins import plans
+    M, N, K, group = case
+    return plans.ternary_plan(M, N, K, -(-K // 128) * 32, K // group if group else 1, group, dtype)
+
+
 def ternary_case(ctx, dtype, case, execute):
     """y = x @ W^T for one (M, N, K, group) case; the reference runs on CPU (reference.unpack builds its shift
     table there)."""
     import torch
-    from trt_plugins import plans
     from trt_plugins.ternary.reference import PackedTernary, TernaryLayout, pack, ternary_linear_ref
     M, N, K, group = case
     x = Inputs(ctx, f"ternary{case}")
@@ -340,7 +346,7 @@ def ternary_case(ctx, dtype, case, execute):
     p_cpu = pack(trits * scales.repeat_interleave(g, dim=1), layout)
     p = PackedTernary(p_cpu.packed.to(ctx.device), p_cpu.scales.to(ctx.device), K, layout)
     xs = x.randn(M, K, dtype=torch_dtype(dtype))
-    plan = plans.ternary_plan(M, N, K, p.packed.shape[1], p.scales.shape[1], group, dtype)
+    plan = ternary_case_plan(case, dtype)
     tensors = {"x": xs, "packed": p.packed, "scales": p.scales,
                "y": torch.full((M, N), float("nan"), dtype=xs.dtype, device=ctx.device)}
     got = execute(xs, p, plan, tensors)
@@ -395,19 +401,75 @@ def aot_executor(ctx: Context):
     return execute
 
 
+def attention_calls(ctx: Context, sparse: bool) -> list[tuple[int, list[int]]]:
+    """(tokens, first position of each of the two rows) of the plan checks' two calls: a prefill whose first
+    row crosses dense_len when sparse (ends near the capacity when dense) and whose second stays below it,
+    then one decode token per row."""
+    S, T = ctx.sizes.capacity, ctx.sizes.prefill
+    first = [ctx.cfg.dense_len - T // 2 - 1 if sparse else S - T - 2, ctx.sizes.dense_start]
+    return [(T, first), (1, [p + T for p in first])]
+
+
+def attention_call_plan(ctx: Context, model: str, dtype: str, sparse: bool, tokens: int):
+    from trt_plugins import plans
+    H, Hkv, D = ctx.sizes.models[model]
+    shape = plans.AttentionShape(2, tokens, H, Hkv, ctx.sizes.capacity, D)
+    return plans.attention_plan(shape, dtype, ctx.cfg if sparse else None)
+
+
+def aot_plans(ctx: Context) -> list:
+    """Every plan the AOT checks launch, labelled."""
+    out = []
+    for dtype in ("bf16", "fp16"):
+        for model in ctx.sizes.models:
+            for sparse in (False, True):
+                out += [(f"{model} {dtype} {'sparse' if sparse else 'dense'} T={tokens}",
+                         attention_call_plan(ctx, model, dtype, sparse, tokens)) for tokens, _ in attention_calls(ctx, sparse)]
+        out += [(f"ternary {dtype} {case}", ternary_case_plan(case, dtype)) for case in ctx.sizes.ternary_cases]
+    return out
+
+
+def check_aot_preflight(ctx: Context) -> dict:
+    """Before any launch, and on CPU too: every launch of the AOT checks' plans has its compiled kernel in
+    --kernels, and the GPU executor packs its arguments against that kernel's compiled signature."""
+    if ctx.kernels_dir is None:
+        raise Unavailable("no --kernels folder given (make gpu-check compiles one: cpm-edge kernels compile --target sm_90)")
+    try:
+        from trt_plugins.cuda_launch import LaunchError, address_resolver, pack_arguments
+    except Exception as e:
+        raise Unavailable(f"AOT executor unavailable: {type(e).__name__}: {e}") from None
+    missing, mismatched, packed = set(), [], 0
+    for label, plan in aot_plans(ctx):
+        fake = {b.name: (i + 1) << 32 for i, b in enumerate(plan.buffers) if b.kind != "workspace"}
+        resolve = address_resolver(plan, fake, 1 << 40)
+        for launch in plan.launches:
+            meta = ctx.kernels_dir / f"{launch.config.name}.json"
+            if not meta.exists():
+                missing.add(launch.config.name)
+                continue
+            try:
+                pack_arguments(launch, json.loads(meta.read_text()), resolve)
+                packed += 1
+            except LaunchError as e:
+                mismatched.append(f"{label}: {e}")
+    return {"launches_packed": packed, "missing_kernels": sorted(missing), "mismatched": mismatched,
+            "pass": packed > 0 and not missing and not mismatched}
+
+
 def check_attention_plan(ctx: Context, model: str, dtype: str, sparse: bool, execute) -> dict:
     """CpmAttention's plan, two calls on one state: a prefill of two rows (the first crossing dense_len
     when sparse, the second below it), then one decode token per row with the caches (and compressed
     keys) the first call left. Output, caches and compressed keys against trt_plugins.ops' eager op."""
     import torch
-    from trt_plugins import ops, plans
+    from trt_plugins import ops
     from trt_plugins.attention import reference as ref
 
     H, Hkv, D = ctx.sizes.models[model]
-    S, T, cfg = ctx.sizes.capacity, ctx.sizes.prefill, (ctx.cfg if sparse else None)
+    S, cfg = ctx.sizes.capacity, (ctx.cfg if sparse else None)
     x = Inputs(ctx, f"plan{model}{dtype}{sparse}")
     tdt = torch_dtype(dtype)
-    first = [cfg.dense_len - T // 2 - 1 if sparse else S - T - 2, ctx.sizes.dense_start]
+    calls = attention_calls(ctx, sparse)
+    first = calls[0][1]
     state = {"k_cache": x.randn(2, Hkv, S, D, dtype=tdt), "v_cache": x.randn(2, Hkv, S, D, dtype=tdt)}
     if sparse:  # the compressed keys of what the caches held before the first call
         kc = ref.compress_keys(state["k_cache"], cfg)
@@ -415,10 +477,10 @@ def check_attention_plan(ctx: Context, model: str, dtype: str, sparse: bool, exe
         state["kc"] = kc * (torch.arange(kc.shape[2], device=kc.device)[None, :] < done[:, None])[:, None, :, None]
     expected = {k: v.clone() for k, v in state.items()}
     steps = []
-    for tokens, start in ((T, first), (1, [p + T for p in first])):
+    for tokens, start in calls:
         positions = (torch.tensor(start)[:, None] + torch.arange(tokens)).to(ctx.device)
         q, k, v = (x.randn(2, tokens, h * D, dtype=tdt) for h in (H, Hkv, Hkv))
-        plan = plans.attention_plan(plans.AttentionShape(2, tokens, H, Hkv, S, D), dtype, cfg)
+        plan = attention_call_plan(ctx, model, dtype, sparse, tokens)
         tensors = {"q": q, "k": k, "v": v, "positions": positions, **state,
                    "out": torch.full_like(q, float("nan"))}
         execute(plan, tensors)

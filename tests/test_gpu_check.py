@@ -50,7 +50,9 @@ def test_dry_run_checks_every_kernel_and_plan_against_the_references(dry_run):
             "aot_cpm_attention_plan_sparse", "aot_ternary_plan", "copy_bandwidth", "sparse_decode",
             "ternary_gemv"} <= names
     for c in checks.values():
-        if c["group"] == "aot":  # no GPU: said so, not counted as passed
+        if c["name"] == "aot_preflight":  # no --kernels given: said so
+            assert c["status"] == "unavailable" and c["reason"].startswith("no --kernels folder given"), c
+        elif c["group"] == "aot":  # no GPU: said so, not counted as passed
             assert c["status"] == "unavailable" and c["reason"].startswith("AOT executor unavailable: "), c
         else:
             assert c["status"] == "pass", c
@@ -58,7 +60,7 @@ def test_dry_run_checks_every_kernel_and_plan_against_the_references(dry_run):
         plan = checks[f"cpm_attention_plan_sparse[tiny,{dtype}]"]["detail"]["steps"]
         assert [s["tokens"] for s in plan] == [12, 1] and all(s["caches_equal"] and s["kc"]["pass"] for s in plan)
         assert checks[f"select_blocks[tiny,{dtype}]"]["detail"]["rows_differing"] == 0
-    assert report["summary"] == {"pass": len(checks) - 6, "fail": 0, "error": 0, "unavailable": 6, "skipped": 0}
+    assert report["summary"] == {"pass": len(checks) - 7, "fail": 0, "error": 0, "unavailable": 7, "skipped": 0}
     assert report["versions"]["torch"] == torch.__version__ and report["device"]["name"].startswith("cpu")
     assert report["tolerances"]["attention_atol"] == cases.ATOL_ATTENTION
 
@@ -118,7 +120,7 @@ def test_only_picks_groups_and_names_and_measures_bandwidth_before_timings():
     assert [c.name for c in gpu_check.select_checks(checks, "ternary_gemv")] == [
         "copy_bandwidth", "ternary_gemv[4096x4096]", "ternary_gemv[14336x4096]", "ternary_gemv[4096x14336]"]
     aot = gpu_check.select_checks(checks, "aot")
-    assert len(aot) == 2 * (2 * 2 + 1) and {c.group for c in aot} == {"aot"}
+    assert len(aot) == 1 + 2 * (2 * 2 + 1) and {c.group for c in aot} == {"aot"} and aot[0].name == "aot_preflight"
     assert [c.name for c in gpu_check.select_checks(checks, "sparse_decode[128K]")] == ["copy_bandwidth", "sparse_decode[128K]"]
     with pytest.raises(ValueError, match="--only nope: no such group or check"):
         gpu_check.select_checks(checks, "nope")
@@ -252,3 +254,25 @@ def test_gpu_check_on_this_gpu(tmp_path):
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     report = json.loads(next(tmp_path.glob("gpu-*.json")).read_text())
     assert all(c["status"] == "pass" for c in report["checks"] if c["group"] == "triton"), report["summary"]
+
+
+def test_aot_preflight_packs_every_launch_it_has_a_kernel_for_and_names_the_rest(tmp_path):
+    """Only the ternary kernels compiled (sm_90, Triton's bundled ptxas): their launches pack against the
+    compiled signatures; every attention kernel the AOT checks would launch is named as missing."""
+    ctx = cases.Context(cases.DRY_SIZES, True, tmp_path / "k" / "sm_90", 0)
+    plans = cases.aot_plans(ctx)
+    ternary = {l.config.name for label, p in plans if label.startswith("ternary") for l in p.launches}
+    attention = {l.config.name for label, p in plans if not label.startswith("ternary") for l in p.launches}
+    code = ("import sys; from pathlib import Path; sys.path.insert(0, sys.argv[1]); import gpu_check_cases as c; "
+            "from trt_plugins import aot; ctx = c.Context(c.DRY_SIZES, True, None, 0); "
+            "configs = {l.config.name: l.config for label, p in c.aot_plans(ctx) if label.startswith('ternary') "
+            "for l in p.launches}; aot.build_cache_env(Path(sys.argv[2]) / '.cache'); "
+            "aot.compile_all([aot.Target(90)], Path(sys.argv[2]) / 'k', list(configs.values()))")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # compile, don't interpret
+    proc = subprocess.run([sys.executable, "-c", code, str(SCRIPT.parent), str(tmp_path)], capture_output=True,
+                          text=True, env=env, cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    got = cases.check_aot_preflight(ctx)
+    assert got["missing_kernels"] == sorted(attention) and got["mismatched"] == [] and not got["pass"]
+    n_ternary = sum(len(p.launches) for label, p in plans if label.startswith("ternary"))
+    assert got["launches_packed"] == n_ternary == 2 * len(cases.DRY_SIZES.ternary_cases) and len(ternary) == 4

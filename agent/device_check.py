@@ -262,9 +262,13 @@ def run_device_test(folder: Path, transport: str = "auto", max_batch: Optional[i
     ceilings = plan.get("speed_model", {}).get("ceilings", {})
     sane = {k: {"floor": plan["floors"][k], "ceiling": c, "pass": plan["floors"][k] < c}
             for k, c in ceilings.items() if k in plan.get("floors", {})}
+    # A figure above its ceiling is not a failure of the device but of the model's inputs (a profile that
+    # understates the bandwidth, or weights small enough to stay in a CPU's cache): reported, not failed.
+    above = {k: {"measured": measured[k], "ceiling": c} for k, c in ceilings.items() if measured.get(k, 0) > c}
     return {"bundle": str(folder), "device": info.get("device"), "backend": info.get("backend"),
             "load_seconds": load_s, "transport": served["transport"], "golden": golden, "speed": served["speed"],
             "gpu_memory": gpu, "host_memory": host_memory(), "floors": floors, "floors_below_ceilings": sane,
+            "above_ceilings": above,
             "memory_plan": plan.get("memory"), "server": served["server"],
             "pass": (all(g["pass"] for g in golden) and all(f["pass"] for f in floors.values())
                      and all(s["pass"] for s in sane.values()))}

@@ -72,6 +72,9 @@ def print_report(report: dict, path: str):
         if not s["pass"]:
             say(f"{key}: the floor {s['floor']:.2f} is above the hardware's ceiling {s['ceiling']:.2f}: the profile "
                 f"is wrong")
+    for key, a in report["above_ceilings"].items():
+        say(f"note: {key} {a['measured']:.1f} is above the speed model's ceiling {a['ceiling']:.1f}: the profile's "
+            f"figures understate this machine (or the weights stay in a CPU cache)")
     if not report["floors"]:
         say("no floors: " + ("its device profile states no memory_bandwidth_gbs (no speed model)"
                              if report["memory_plan"] else "the folder has no plan.json (not made by cpm-edge engine)"))

@@ -93,6 +93,24 @@ def test_device_test_in_process(cpu_bundle, tmp_path, capsys):
     check_report(report, cpu_bundle)
 
 
+def test_a_floor_the_device_misses_fails_the_test(tiny_untied, tmp_path, capsys):
+    """A hand-set first-token limit of 1 ms (no ceiling bounds a time): answers right, exit 1 all the same."""
+    from agent.tokenizer import Tokenizer
+    from export.bundle import BundleOptions, make_bundle
+    from export.profiles import load_profile
+
+    raw = yaml.safe_load(Path(load_profile("cpu").path).read_text())
+    profile = tmp_path / "strict.yaml"
+    profile.write_text(yaml.safe_dump({**raw, "max_context": 256, "floors": {"time_to_first_token_ms": 1}}))
+    make_bundle(BundleOptions(str(profile), tmp_path / "bundle", str(tiny_untied)), lambda d: Tokenizer(d).encode)
+    code, err, report = device_test(capsys, tmp_path / "bundle", tmp_path, "in-process")
+    assert code == 1 and "device test FAILED" in err
+    assert all(g["pass"] for g in report["golden"])
+    ttft = report["floors"]["time_to_first_token_ms"]
+    assert ttft["floor"] == 1 and ttft["measured"] > 1 and not ttft["pass"]
+    assert report["floors"]["decode_tokens_per_s"]["pass"]  # the model's own floors still hold
+
+
 def test_the_served_answers_catch_another_model(cpu_bundle, tmp_path):
     """A tiny model of the same shape and tokenizer with other weights: the served answers are not the golden."""
     from agent.backends import open_bundle

@@ -232,10 +232,11 @@ def run_device_test(folder: Path, transport: str = "auto", max_batch: Optional[i
     if auto:
         transport = "mosquitto" if mosquitto_binary() else "in-process"
     memory = GpuMemory().start()  # baseline before the model loads
-    need = (read_plan(folder).get("memory") or {}).get("total_bytes", 0)
+    planned = read_plan(folder).get("memory") or {}
+    need = sum(planned.get(k, 0) for k in ("weight_bytes", "kv_bytes", "compressed_key_bytes"))  # no estimates
     if memory.available and memory.total and need > memory.total - memory.baseline:
         memory.stop()
-        raise AgentInputError(f"{folder}: its memory plan needs {need / 1e9:.1f} GB but only "
+        raise AgentInputError(f"{folder}: its weights and caches need {need / 1e9:.1f} GB but only "
                               f"{(memory.total - memory.baseline) / 1e9:.1f} GB are free ({memory.name}): stop the "
                               f"agent first (sudo systemctl stop cpm-edge-agent), device-test loads the model itself")
     try:

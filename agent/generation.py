@@ -230,6 +230,8 @@ class BatchGenerator:
         for req in todo:
             if budget <= 0:
                 break
+            if self.rows[req.row] is not req:  # cancelled by a callback meanwhile
+                continue
             start = req.prefilled
             chunk = req.ids[start:start + budget]
             ids = np.asarray(chunk, dtype=np.int64)

@@ -164,16 +164,20 @@ def steady_prompt(backend, tokenizer, rng, max_tokens: int) -> str:
 
 @pytest.fixture(scope="session")
 def ort_export(tiny_models, tmp_path_factory):
-    """ort_export(variant) -> a portable fp32 export (max_seq 512) of a tiny model, made once per session."""
+    """ort_export(variant, flavor) -> an fp32 export (max_seq 512) of a tiny model, made once per session; the
+    trt flavor with its plugin nodes moved where ONNX Runtime computes them by the torch references."""
     from export.onnx_export import ExportOptions, export
 
     made = {}
 
-    def get(variant: str = "dense"):
-        if variant not in made:
-            out = tmp_path_factory.mktemp("ort") / variant
-            made[variant] = export(ExportOptions(tiny_models[variant], out, max_seq=512))
-        return made[variant]
+    def get(variant: str = "dense", flavor: str = "portable"):
+        if (variant, flavor) not in made:
+            out = tmp_path_factory.mktemp("ort") / f"{variant}-{flavor}"
+            made[variant, flavor] = export(ExportOptions(tiny_models[variant], out, flavor, max_seq=512))
+            if flavor == "trt":
+                from trt_plugins.onnxruntime_ops import graph_for_onnxruntime
+                made[variant, flavor] = graph_for_onnxruntime(made[variant, flavor], out.with_name(out.name + "-ort"))
+        return made[variant, flavor]
     return get
 
 

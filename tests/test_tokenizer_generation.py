@@ -1,6 +1,7 @@
 """Tokenizer (bos, ChatML, eos, streaming) and the shared generation loop (sampling, stops, batching)."""
 from __future__ import annotations
 
+import functools
 import random
 
 import numpy as np
@@ -207,20 +208,26 @@ class Recording:
         return self.backend.decode(tokens, positions)
 
 
-@pytest.mark.parametrize("variant", ["dense", "sparse"])
-def test_chunked_prefill_gives_the_tokens_of_a_whole_prefill(ort_export, variant, seed):
+@pytest.mark.parametrize("variant, flavor", [("dense", "portable"), ("sparse", "portable"), ("sparse", "trt")])
+def test_chunked_prefill_gives_the_tokens_of_a_whole_prefill(ort_export, variant, flavor, seed):
     """Greedy tokens of a long prompt (past the sparse model's dense_len) and two short ones, prefilled 16
     tokens at a time between decode steps, equal each prompt prefilled whole and run alone; the short
-    prompts added after the long one get their first token first, and no prefill call exceeds the chunk."""
+    prompts added after the long one get their first token first, and no prefill call exceeds the chunk.
+    The trt flavor carries InfLLM v2's compressed keys as state (CpmAttention by its torch reference)."""
     from agent.onnxruntime_backend import OnnxRuntimeBackend
 
-    export_dir = ort_export(variant)
+    export_dir = ort_export(variant, flavor)
+    if flavor == "trt":
+        from trt_plugins.onnxruntime_ops import session_options
+        OnnxRuntimeBackend = functools.partial(OnnxRuntimeBackend, session_options=session_options())  # noqa: N806
     tokenizer = Tokenizer(export_dir)
     rng = random.Random(seed)
-    long = [1] + [rng.randrange(3, 500) for _ in range(rng.randint(200, 400))]
+    small = variant == "sparse"  # its selection (portable) or reference attention (trt) costs: keep it short
+    long = [1] + [rng.randrange(3, 500) for _ in range(rng.randint(140, 180) if small else rng.randint(200, 400))]
     shorts = [[1] + [rng.randrange(3, 500) for _ in range(rng.randint(3, 30))] for _ in range(2)]
     prompts = [long, *shorts]
-    params = [SamplingParams(max_tokens=rng.randint(8, 24))] + [SamplingParams(max_tokens=48) for _ in shorts]
+    params = [SamplingParams(max_tokens=rng.randint(4, 8) if small else rng.randint(8, 24))] + \
+        [SamplingParams(max_tokens=12 if small else 48) for _ in shorts]
     alone = [generate(OnnxRuntimeBackend(export_dir, max_batch=1), tokenizer, [p], [sp])[0]
              for p, sp in zip(prompts, params)]
     backend = Recording(OnnxRuntimeBackend(export_dir, max_batch=3))

@@ -253,3 +253,24 @@ def test_a_prefill_chunk_must_be_positive(tok):
 
     with pytest.raises(ValueError, match="prefill_chunk"):
         BatchGenerator(ScriptedBackend({}), tok, prefill_chunk=0)
+
+
+def test_cancel_during_a_chunked_prefill_ends_it_once_and_frees_the_row(tok):
+    from agent.generation import BatchGenerator
+    from mqtt_fixtures import EchoBackend  # answers each prompt with its own tokens, chunks added up
+
+    backend = EchoBackend(max_batch=1)
+    batch = BatchGenerator(backend, tok, prefill_chunk=4)
+    done = {}
+    on_done = lambda k, out: done.setdefault(k, []).append(out)  # noqa: E731
+    batch.add("long", [1] + [random.randrange(10, 500) for _ in range(40)], SamplingParams(max_tokens=5),
+              on_done=on_done)
+    echo = [random.randrange(10, 500) for _ in range(6)]
+    batch.add("next", [1] + echo, SamplingParams(max_tokens=20), on_done=on_done)
+    for _ in range(3):
+        batch.step()
+    assert batch.rows[0].prefilled == 12 and batch.cancel("long")
+    while batch.step():
+        pass
+    assert [(o.finish_reason, o.token_ids) for o in done["long"]] == [("cancelled", [])]
+    assert [(o.finish_reason, o.token_ids) for o in done["next"]] == [("stop", echo)]

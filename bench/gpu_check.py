@@ -304,6 +304,8 @@ def main(argv=None) -> int:
     sys.path.insert(0, str(ROOT))
     import torch
 
+    if not args.dry_run:  # Triton's JIT cache inside the tree (a device's home may not be writable)
+        os.environ.setdefault("TRITON_CACHE_DIR", str(DRY_RUN_OUT / "triton-cache"))
     if not args.dry_run and not torch.cuda.is_available():
         print("bench/gpu_check.py: no CUDA GPU here (torch.cuda.is_available() is False); "
               "--dry-run takes the same path on CPU", file=sys.stderr)

@@ -127,6 +127,8 @@ def profile_from_dict(raw, source: str) -> DeviceProfile:
         (all(k in EFFICIENCY_KEYS and isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v <= 1
              for k, v in p.efficiency.items()), "efficiency",
          f"must map {' / '.join(EFFICIENCY_KEYS)} to a share in (0, 1]"),
+        (("decode" in p.efficiency or not p.memory_bandwidth_gbs) and ("prefill" in p.efficiency or not p.tensor_tflops),
+         "efficiency", "must state decode (with memory_bandwidth_gbs) and prefill (with tensor_tflops)"),
     ]
     for ok, key, why in checks:
         if not ok:
@@ -299,7 +301,7 @@ def speed_model(profile: DeviceProfile, config, plan: Plan, prompt_tokens: int |
     read = weights_read_per_token(config, profile.dtype) + kv_read_per_token(config, profile.dtype, position,
                                                                              plan.sparse)
     ceiling = profile.memory_bandwidth_gbs * 1e9 / read
-    eff = {"decode": 0.5, "prefill": 0.25, **profile.efficiency}
+    eff = profile.efficiency
     overhead = profile.step_overhead_ms / 1000
     at_full = weights_read_per_token(config, profile.dtype) + kv_read_per_token(config, profile.dtype,
                                                                                 plan.max_context - 1, plan.sparse)

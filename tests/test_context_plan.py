@@ -176,3 +176,18 @@ def test_engine_context_exports_the_published_settings_and_leaves_config_json_al
         theirs = mine(torch.tensor([case["ids"]]), torch.arange(len(case["ids"]))[None])[0, -1].numpy()
     golden = np.load(bundle / "golden_logits.npy")[0]
     assert np.abs(theirs - golden).max() > 1e-3 * np.abs(golden).max()
+
+
+@pytest.mark.parametrize("changes, needle", [
+    ({"efficiency": {"prefill": 0.25}}, "must state decode"),
+    ({"efficiency": {"decode": 1.5, "prefill": 0.25}}, "share in (0, 1]"),
+    ({"efficiency": {"decode": 0.5, "prefill": 0.25, "memory": 0.9}}, "share in (0, 1]"),
+    ({"memory_bandwidth_gbs": -1.0}, "must not be negative"),
+    ({"floors": {"peak_memory_gb": 40}}, "may hold only"),  # GPU memory is gpu_memory_gb, measured where it lives
+])
+def test_speed_model_keys_are_checked(changes, needle):
+    from export.profiles import ProfileError, load_profile, profile_from_dict
+
+    raw = {k: v for k, v in vars(load_profile("orin")).items() if k != "path"}
+    with pytest.raises(ProfileError, match=needle.replace("(", r"\(").replace(")", r"\)").replace("]", r"\]")):
+        profile_from_dict({**raw, **changes}, "p.yaml")

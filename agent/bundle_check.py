@@ -1,5 +1,10 @@
 """Read and verify an engine bundle on the device (no torch): manifest, sha256 of every file, the GPU and
-TensorRT it was built for. Every refusal names what to rebuild."""
+TensorRT it was built for. Every refusal names what to rebuild.
+
+The full sha256 pass runs at flash and in `bundle verify`, and leaves a seal (.verified.json: the manifest's
+sha256, each file's size and mtime, files removed on purpose); each agent start compares with the seal only
+(check_at_start). Engines built on the device can live in the agent's state folder (engine.plan +
+engine.json naming the bundle), leaving the bundle as flashed."""
 from __future__ import annotations
 
 import hashlib
@@ -227,3 +232,25 @@ def drop_onnx(bundle: str | Path, manifest: dict) -> tuple[str, ...]:
     for name in names:
         (bundle / name).unlink(missing_ok=True)
     return names
+
+
+def build_into_state(bundle: Path, state_dir: Path, manifest: dict, progress=lambda stage: None) -> dict:
+    """build_bundle_engine writes <folder>/engine.plan from <folder>/export.json and model.onnx; the bundle is
+    read-only to the agent, so it builds in a scratch folder of the state folder that links to those files,
+    and the engine is then moved into place with its record. Returns the build facts."""
+    import shutil
+    import tempfile
+
+    from trt_plugins.engine_builder import build_bundle_engine
+
+    bundle, state_dir = Path(bundle), Path(state_dir)
+    state_dir.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=".build-", dir=state_dir))
+    try:
+        for name in ("export.json", *onnx_files(manifest)):
+            (scratch / name).symlink_to((bundle / name).resolve())
+        fields = build_bundle_engine(scratch, manifest["max_batch"], manifest["trt_flavour"], progress)
+        record_state_engine(state_dir, bundle, scratch / fields["engine"], fields)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return fields

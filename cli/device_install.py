@@ -285,7 +285,7 @@ def build_engine_here(bundle: Path, progress) -> dict:
     first start (minutes for an 8B model; its output goes to this terminal), then seal the bundle again.
     It goes into the bundle, where agent/tensorrt_backend.py reads it; `engine build --state-dir` puts it in
     the state folder instead once the backend reads agent.bundle_check.engine_file()."""
-    from agent.bundle_check import read_manifest, write_seal
+    from agent.bundle_check import read_manifest
 
     cmd = [f"{VENV}/bin/cpm-edge", "engine", "build", "--bundle", str(bundle)]
     progress(f"building the engine on this device: {shlex.join(cmd)}")
@@ -293,9 +293,7 @@ def build_engine_here(bundle: Path, progress) -> dict:
     if code != 0:
         raise AgentInputError(f"building the engine on this device failed (exit {code}, its reason is above); the "
                               f"bundle is installed: fix the cause and run `{shlex.join(cmd)}`")
-    manifest = read_manifest(bundle)
-    write_seal(bundle, manifest)  # the manifest now lists the engine: the old seal no longer matches
-    return manifest
+    return read_manifest(bundle)  # now listing the engine (and sealed again by engine build)
 
 
 def activate(settings: DeviceSettings, manifest: dict, progress):

@@ -84,6 +84,8 @@ def build_on_device(bundle: Path, state_dir: Path | None = None) -> int:
     check_device({**manifest, "engine": None}, local_gpu_sm(), None)  # the right GPU; any TensorRT may build
     progress(f"building with {trt.__name__} {trt.__version__} for sm_{manifest['sm']}")
     if state_dir is not None:
+        from agent.bundle_check import build_into_state
+
         fields = build_into_state(bundle, state_dir, manifest, progress)
         print(f"engine built in {fields['engine_build_seconds']} s and kept in {state_dir}", file=sys.stderr)
         return 0
@@ -95,28 +97,6 @@ def build_on_device(bundle: Path, state_dir: Path | None = None) -> int:
     print(f"engine built in {fields['engine_build_seconds']} s and cached in {bundle}/{fields['engine']}",
           file=sys.stderr)
     return 0
-
-
-def build_into_state(bundle: Path, state_dir: Path, manifest: dict, progress) -> dict:
-    """build_bundle_engine writes <folder>/engine.plan from <folder>/export.json and model.onnx; the bundle is
-    read-only to the agent, so it builds in a scratch folder of the state folder that links to those files,
-    and the engine is then moved into place with its record (agent/bundle_check.py)."""
-    import shutil
-    import tempfile
-
-    from agent.bundle_check import onnx_files, record_state_engine
-    from trt_plugins.engine_builder import build_bundle_engine
-
-    state_dir.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(prefix=".build-", dir=state_dir))
-    try:
-        for name in ("export.json", *onnx_files(manifest)):
-            (scratch / name).symlink_to((bundle / name).resolve())
-        fields = build_bundle_engine(scratch, manifest["max_batch"], manifest["trt_flavour"], progress)
-        record_state_engine(state_dir, bundle, scratch / fields["engine"], fields)
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
-    return fields
 
 
 COMMANDS = [("engine", engine_arguments, engine, "make a device bundle (export, kernels, engine, golden cases)")]

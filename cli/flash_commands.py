@@ -72,8 +72,12 @@ def flash(opts: FlashOptions, progress=lambda stage: None) -> dict:
             wheel = build_wheel(Path(tmp))
         if opts.host.startswith("local:"):
             root = Path(opts.host[len("local:"):] or "/")
-            return install(root, Path(opts.bundle), Path(wheel), opts.settings, opts.python, progress,
-                           Path(opts.unit_template))
+            try:
+                return install(root, Path(opts.bundle), Path(wheel), opts.settings, opts.python, progress,
+                               Path(opts.unit_template))
+            except PermissionError as e:
+                raise AgentInputError(f"{e.filename}: permission denied; flash to local:{root} as root "
+                                      f"(sudo)") from None
         return flash_ssh(opts, Path(wheel), progress)
 
 

@@ -91,7 +91,7 @@ def write_json_atomic(path: Path, data: dict):
 
 
 # --- the run: independent checks, a time guard, results after every check --------------------------------
-class TimeGuard(Exception):
+class TimeGuard(BaseException):
     """Raised inside the running check once the budget and its grace are spent."""
 
 

@@ -18,6 +18,7 @@ ATOL_KC = 1e-5        # fp32 mean of kernel_size half keys, summed in another or
 REL_TERNARY = {"fp16": 2e-3, "bf16": 1.6e-2}  # of the largest |y|: both round an fp32 sum to the dtype once
 COS_MIN = 0.9999
 
+
 class Unavailable(Exception):
     """A check that cannot run here, with the reason (not a failure of what it checks)."""
 

@@ -133,7 +133,10 @@ class Runner:
                              traceback=traceback.format_exc(limit=6).splitlines()[-8:])
             finally:
                 self.running = False
-                free_memory()
+                try:
+                    free_memory()
+                except Exception as e:  # a sticky CUDA error: every later check will say so too
+                    entry["after"] = f"synchronize failed: {type(e).__name__}: {e}"
         entry["seconds"] = round(time.monotonic() - t0, 3)
         self.report["checks"].append(entry)
         self.save()

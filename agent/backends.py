@@ -10,9 +10,10 @@ from agent.errors import AgentInputError
 from agent.tokenizer import Tokenizer
 
 
-def open_bundle(path: str | Path, max_batch: int = 4, max_seq: int | None = None, threads: int = 0):
+def open_bundle(path: str | Path, max_batch: int = 4, max_seq: int | None = None, threads: int = 0,
+                state_dir: str | Path | None = None):
     """(backend, tokenizer, info) for an engine bundle (cpm-edge engine; it has manifest.json) or an export
-    folder (cpm-edge export)."""
+    folder (cpm-edge export). state_dir: where this device keeps engines it built (the unit's StateDirectory)."""
     path = Path(path)
     if not path.is_dir():
         raise AgentInputError(f"{path}: not a directory (expected an export folder from cpm-edge export)")
@@ -28,8 +29,8 @@ def open_bundle(path: str | Path, max_batch: int = 4, max_seq: int | None = None
                                          threads=threads)
             return backend, Tokenizer(path), {"backend": "onnxruntime",
                                               **{k: v for k, v in manifest.items() if k != "files"}}
-        if not manifest.get("engine") and not os.access(path, os.W_OK):
-            # the first-start build writes into the bundle, which the unit keeps read-only: say what to run
+        if not manifest.get("engine") and state_dir is None and not os.access(path, os.W_OK):
+            # without a state folder the first-start build writes into the bundle, which is read-only here
             cpm = Path(sys.executable).with_name("cpm-edge")
             raise AgentInputError(f"{path}: no engine yet, and the bundle is read-only here; build it on this "
                                   f"device as root: sudo {cpm} engine build --bundle {path} (or flash again: the "
@@ -37,7 +38,7 @@ def open_bundle(path: str | Path, max_batch: int = 4, max_seq: int | None = None
         from agent.tensorrt_backend import TensorRTBackend
         from trt_plugins.tensorrt_plugins import TensorRTMissing
         try:
-            backend = TensorRTBackend(path, max_batch=max_batch)
+            backend = TensorRTBackend(path, max_batch=max_batch, state_dir=state_dir)
         except ImportError as e:
             raise AgentInputError(f"{path}: an engine bundle needs TensorRT and cuda-python (cuda-bindings) on an "
                                   f"NVIDIA device ({e.name or e} is not importable here)") from None

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from agent.bundle_check import BundleError, check_device, read_manifest, update_manifest
+from agent.bundle_check import BundleError, build_into_state, check_device, engine_file, read_manifest, update_manifest
 
 log = logging.getLogger(__name__)
 STATE_BYTES = {"fp16": 2, "bf16": 2, "fp32": 4}
@@ -46,7 +46,8 @@ class PinnedArray:
 
 
 class TensorRTBackend:
-    def __init__(self, bundle: str | Path, max_batch: int | None = None, build_missing: bool = True):
+    def __init__(self, bundle: str | Path, max_batch: int | None = None, build_missing: bool = True,
+                 state_dir: str | Path | None = None):
         from trt_plugins.engine_builder import build_bundle_engine
         from trt_plugins.tensorrt_plugins import KERNEL_DIR_ENV, import_tensorrt, register_plugins
 
@@ -60,22 +61,29 @@ class TensorRTBackend:
         check_device(manifest, props.major * 10 + props.minor, trt.__version__)
         os.environ[KERNEL_DIR_ENV] = str(self.bundle / "kernels")
         register_plugins(trt)
-        if not manifest.get("engine"):
+        engine = engine_file(self.bundle, manifest, state_dir)  # the bundle's, else one this device built
+        if engine is None:
             if not build_missing:
                 raise BundleError(f"{self.bundle}: no engine yet; build it here: cpm-edge engine build --bundle "
-                                  f"{self.bundle}")
-            log.info("building the engine for this device (first start); it is cached in the bundle")
-            manifest = update_manifest(self.bundle, **build_bundle_engine(self.bundle, manifest["max_batch"],
-                                                                          manifest["trt_flavour"]))
+                                  f"{self.bundle}" + (f" --state-dir {state_dir}" if state_dir else ""))
+            if state_dir is not None:  # the bundle stays read-only: the engine goes into the state folder
+                log.info("building the engine for this device (first start) into %s", state_dir)
+                build_into_state(self.bundle, Path(state_dir), manifest)
+                engine = engine_file(self.bundle, manifest, state_dir)
+            else:
+                log.info("building the engine for this device (first start); it is kept in the bundle")
+                manifest = update_manifest(self.bundle, **build_bundle_engine(self.bundle, manifest["max_batch"],
+                                                                              manifest["trt_flavour"]))
+                engine = self.bundle / manifest["engine"]
         self.manifest = manifest
         self.max_batch = min(max_batch or manifest["max_batch"], manifest["max_batch"])
         self.max_seq = manifest["max_context"]
         self.info = json.loads((self.bundle / "export.json").read_text())
         logger = trt.Logger(trt.Logger.WARNING)
-        self.engine = trt.Runtime(logger).deserialize_cuda_engine((self.bundle / manifest["engine"]).read_bytes())
+        self.engine = trt.Runtime(logger).deserialize_cuda_engine(engine.read_bytes())
         if self.engine is None:
-            raise BundleError(f"{self.bundle / manifest['engine']}: TensorRT could not deserialize it; rebuild it "
-                              f"here: cpm-edge engine build --bundle {self.bundle}")
+            raise BundleError(f"{engine}: TensorRT could not deserialize it; rebuild it here: cpm-edge engine build "
+                              f"--bundle {self.bundle}" + (f" --state-dir {state_dir}" if state_dir else ""))
         self.stream = int(_cuda(cudart.cudaStreamCreate(), "cudaStreamCreate"))
         self.prefill_context = self.engine.create_execution_context()
         self.prefill_context.set_optimization_profile_async(0, self.stream)

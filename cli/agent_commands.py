@@ -117,7 +117,8 @@ def _refused_at_start(runner, wait_s: float = 5.0):
 def _load(args):
     if args.bundle:
         from agent.backends import open_bundle  # the ONNX Runtime / TensorRT backends (torch-free)
-        return open_bundle(args.bundle, max_batch=args.max_batch, max_seq=args.max_seq)
+        return open_bundle(args.bundle, max_batch=args.max_batch, max_seq=args.max_seq,
+                           state_dir=getattr(args, "state_dir", None))
     from agent.tokenizer import Tokenizer
     from cli.model_commands import load_torch_backend
 

@@ -249,7 +249,8 @@ def build_into_state(bundle: Path, state_dir: Path, manifest: dict, progress=lam
     try:
         for name in ("export.json", *onnx_files(manifest)):
             (scratch / name).symlink_to((bundle / name).resolve())
-        fields = build_bundle_engine(scratch, manifest["max_batch"], manifest["trt_flavour"], progress)
+        fields = build_bundle_engine(scratch, manifest["max_batch"], manifest["trt_flavour"], progress,
+                                     manifest.get("prefill_chunk"))
         record_state_engine(state_dir, bundle, scratch / fields["engine"], fields)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)

@@ -72,8 +72,8 @@ class TensorRTBackend:
                 engine = engine_file(self.bundle, manifest, state_dir)
             else:
                 log.info("building the engine for this device (first start); it is kept in the bundle")
-                manifest = update_manifest(self.bundle, **build_bundle_engine(self.bundle, manifest["max_batch"],
-                                                                              manifest["trt_flavour"]))
+                manifest = update_manifest(self.bundle, **build_bundle_engine(
+                    self.bundle, manifest["max_batch"], manifest["trt_flavour"], max_prefill=manifest.get("prefill_chunk")))
                 engine = self.bundle / manifest["engine"]
         self.manifest = manifest
         self.max_batch = min(max_batch or manifest["max_batch"], manifest["max_batch"])
@@ -84,6 +84,8 @@ class TensorRTBackend:
         if self.engine is None:
             raise BundleError(f"{engine}: TensorRT could not deserialize it; rebuild it here: cpm-edge engine build "
                               f"--bundle {self.bundle}" + (f" --state-dir {state_dir}" if state_dir else ""))
+        # the longest prefill call the engine's prefill profile (0) takes: the bundle's prefill_chunk
+        self.max_prefill = int(self.engine.get_tensor_profile_shape("input_ids", 0)[2][1])
         self.stream = int(_cuda(cudart.cudaStreamCreate(), "cudaStreamCreate"))
         self.prefill_context = self.engine.create_execution_context()
         self.prefill_context.set_optimization_profile_async(0, self.stream)
@@ -135,12 +137,16 @@ class TensorRTBackend:
         return np.array(self.host_logits.array[:rows])
 
     def prefill(self, row: int, ids: np.ndarray, start: int = 0) -> np.ndarray:
-        """ids at positions start.. of `row` (a later chunk of a prompt when start > 0)."""
+        """ids at positions start.. of `row` (a later chunk of a prompt when start > 0). The engine's prefill
+        profile takes at most max_prefill tokens a call; longer runs go in calls of that size."""
         ids = np.asarray(ids, dtype=np.int64)
-        self._upload(ids, np.arange(start, start + ids.size, dtype=np.int64))
-        self._bind(self.prefill_context, row, 1, ids.size)
-        if not self.prefill_context.execute_async_v3(self.stream):
-            raise RuntimeError("TensorRT prefill failed (see the TensorRT log above)")
+        step = self.max_prefill
+        for first in range(0, ids.size, step):
+            part = ids[first:first + step]
+            self._upload(part, np.arange(start + first, start + first + part.size, dtype=np.int64))
+            self._bind(self.prefill_context, row, 1, part.size)
+            if not self.prefill_context.execute_async_v3(self.stream):
+                raise RuntimeError("TensorRT prefill failed (see the TensorRT log above)")
         return self._download(1)[0]
 
     def decode(self, tokens: np.ndarray, positions: np.ndarray) -> np.ndarray:

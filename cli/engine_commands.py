@@ -89,7 +89,8 @@ def build_on_device(bundle: Path, state_dir: Path | None = None) -> int:
         fields = build_into_state(bundle, state_dir, manifest, progress)
         print(f"engine built in {fields['engine_build_seconds']} s and kept in {state_dir}", file=sys.stderr)
         return 0
-    fields = build_bundle_engine(bundle, manifest["max_batch"], manifest["trt_flavour"], progress)
+    fields = build_bundle_engine(bundle, manifest["max_batch"], manifest["trt_flavour"], progress,
+                                 manifest.get("prefill_chunk"))
     manifest = update_manifest(bundle, **fields)
     from agent.bundle_check import write_seal
 

@@ -236,7 +236,7 @@ def make_bundle(opts: BundleOptions, encoder_for, progress=lambda stage: None) -
             compile_kernels(profile.target, source, tmp / "kernels", Path(opts.out).parent / ".triton-cache")
         if buildable:
             progress(f"[3/5] engine for {profile.description}")
-            engine_info = build_bundle_engine(tmp, profile.max_batch, profile.trt_flavour)
+            engine_info = build_bundle_engine(tmp, profile.max_batch, profile.trt_flavour, max_prefill=profile.prefill_chunk)
         elif not portable:
             progress(f"[3/5] engine: not built here ({why_not}); the device builds it on first start "
                      f"(cpm-edge engine build --bundle DIR)")
@@ -251,6 +251,7 @@ def make_bundle(opts: BundleOptions, encoder_for, progress=lambda stage: None) -
             "trt_min_version": profile.trt_min_version, "jetpack": profile.jetpack or None,
             "model": model_name, "model_hash": model_hash, "plugin_version": PLUGIN_VERSION,
             "max_batch": plan.max_batch, "max_context": plan.max_context, "dtype": profile.dtype,
+            "prefill_chunk": profile.prefill_chunk,
             "sparse": plan.sparse, "kv_cache_bytes": plan.kv_bytes, "config_overrides": sorted(overrides),
             "backend": "onnxruntime" if portable else "tensorrt",
             "engine": None, "engine_status": "build-on-device", "engine_note": why_not or None, **engine_info,

@@ -239,7 +239,7 @@ def memory_plan(profile: DeviceProfile, config, context: int | None = None, batc
         work = max(p.workspace_bytes for p in plans)
     return Plan(batch, context, sparse, weight_bytes(config, profile.dtype),
                 batch * context * kv_cache_bytes_per_position(config, profile.dtype), kc, work,
-                context * activation_bytes_per_token(config, profile.dtype),  # the engine prefills up to context
+                min(context, profile.prefill_chunk) * activation_bytes_per_token(config, profile.dtype),  # longest prefill call
                 int(profile.memory_gb * GIB * 0.9), profile.kv_budget_bytes)
 
 

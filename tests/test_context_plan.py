@@ -81,7 +81,7 @@ def test_orin_holds_minicpm4_8b_at_128k_by_independent_arithmetic():
     assert plan.compressed_key_bytes == L * B * Hkv * kernels * D * 4  # fp32 state of every layer and row
     chunk, width = 256, 64 + 2048 // 64  # queries per stage-1 pass; blocks one query attends at most
     assert plan.workspace_bytes == up(Hkv * chunk * kernels * 4) + up(Hkv * chunk * width * 4) + Hkv * chunk * 4
-    assert plan.activation_bytes == S * (2 * hid + 2 * H * D + 2 * Hkv * D + 3 * inter) * 2
+    assert plan.activation_bytes == orin.prefill_chunk * (2 * hid + 2 * H * D + 2 * Hkv * D + 3 * inter) * 2
     assert plan.fits and plan.total_bytes < 0.9 * 64 * GIB
 
     model = speed_model(orin, config, plan)

@@ -330,10 +330,12 @@ def test_gpu_groups_are_only_those_the_device_has(tmp_path):
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root: the agent must run as a user that cannot write the bundle")
-def test_the_agent_cannot_write_the_bundle_and_says_what_to_run_instead(flashed):
-    """A GPU bundle without an engine, as the unit's user: the first-start build would write into the
-    read-only bundle, so the agent stops with exit 2 and the command to run (and the changed manifest gets
-    the full check, which it cannot record)."""
+def test_a_gpu_bundle_without_an_engine_goes_to_the_state_folder_not_the_bundle(flashed):
+    """A GPU bundle without an engine, as the unit's user: the changed manifest gets the full check (which
+    the read-only bundle cannot record), and the agent goes on to the tensorrt backend, whose first-start
+    build writes into the unit's state folder (--state-dir) — not the refusal a read-only bundle without a
+    state folder gets. Here, without TensorRT or a GPU, that ends in one line and exit 2; the build into a
+    state folder itself is tests/test_engine_bundle.py's (TensorRT-RTX)."""
     root, _ = flashed
     manifest = root / "opt" / "cpm-edge" / "bundle" / "manifest.json"
     original, stat = manifest.read_bytes(), manifest.stat()
@@ -348,4 +350,5 @@ def test_the_agent_cannot_write_the_bundle_and_says_what_to_run_instead(flashed)
         os.utime(manifest, ns=(stat.st_atime_ns, stat.st_mtime_ns))
     assert code == 2, log
     assert "manifest.json changed since the last full check" in log and "the folder is read-only" in log, log
-    assert "no engine yet, and the bundle is read-only here" in log and "engine build --bundle" in log, log
+    assert "no engine yet, and the bundle is read-only here" not in log, log
+    assert "an engine bundle needs TensorRT and cuda-python" in log and "Traceback" not in log, log

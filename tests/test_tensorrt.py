@@ -12,6 +12,7 @@ from types import SimpleNamespace
 import pytest
 
 from export.onnx_export import ExportOptions, export
+from trt_plugins.engine_builder import EngineShapes
 
 trt = pytest.importorskip("tensorrt_rtx", reason="TensorRT-RTX (tensorrt-rtx-cu13) is not installed")
 
@@ -104,3 +105,15 @@ def test_plugin_enqueue_runs_the_plan_the_tests_execute(sparse, compiled_sm87, m
     ternary.enqueue([desc((1, 1, 4096), half), desc((1024, 1024), trt.DataType.INT8), desc((1024, 1), f32)],
                     [], [256, 512, 768], [1024], 0, 0)
     assert recorder.calls[-1][0] == plans.ternary_plan(1, 1024, 4096, 1024, 1, 0, "fp16")
+
+
+def test_prefill_profile_stops_at_the_prefill_chunk():
+    """The engine's prefill profile takes at most the bundle's prefill_chunk tokens a call (TensorRT plans
+    activations for the largest shape); decode keeps every row; the state keeps its full shape."""
+    state = [{"input": "past_key_0", "output": "present_key_0", "shape": [2, 4096, 64], "dtype": "fp16"},
+             {"input": "past_ckey_0", "output": "present_ckey_0", "shape": [2, 255, 64], "dtype": "fp32"}]
+    prefill, decode = EngineShapes.from_export({"max_seq": 4096, "state": state}, 4, 512).profiles()
+    assert prefill["input_ids"] == ((1, 1), (1, 512), (1, 512)) and decode["input_ids"] == ((1, 1), (4, 1), (4, 1))
+    assert prefill["past_ckey_0"][2] == (1, 2, 255, 64) and decode["past_key_0"][2] == (4, 2, 4096, 64)
+    whole, _ = EngineShapes.from_export({"max_seq": 300, "state": state}, 4).profiles()
+    assert whole["input_ids"][2] == (1, 300)

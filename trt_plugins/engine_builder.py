@@ -27,19 +27,22 @@ class EngineShapes:
     max_batch: int
     max_context: int
     state: list[dict]  # export.json "state": every carried tensor, its per-row shape (KV caches, compressed keys)
+    max_prefill: int = 0  # prompt tokens one prefill call takes at most (the profile's prefill_chunk); 0: context
 
     @classmethod
-    def from_export(cls, info: dict, max_batch: int) -> "EngineShapes":
-        return cls(max_batch, info["max_seq"], info["state"])
+    def from_export(cls, info: dict, max_batch: int, max_prefill: int | None = None) -> "EngineShapes":
+        return cls(max_batch, info["max_seq"], info["state"], max_prefill or 0)
 
     def profiles(self) -> list[dict[str, tuple]]:
         ctx, b = self.max_context, self.max_batch
-        opt_prefill = min(512, ctx)
+        longest = min(self.max_prefill or ctx, ctx)  # the activations TensorRT plans for scale with this
+        opt_prefill = min(512, longest)
 
         def state(spec, batch):
             return (batch, *spec["shape"])  # the KV caches at the export's full context
 
-        prefill = {"input_ids": ((1, 1), (1, opt_prefill), (1, ctx)), "positions": ((1, 1), (1, opt_prefill), (1, ctx))}
+        prefill = {"input_ids": ((1, 1), (1, opt_prefill), (1, longest)),
+                   "positions": ((1, 1), (1, opt_prefill), (1, longest))}
         prefill.update({s["input"]: (state(s, 1), state(s, 1), state(s, 1)) for s in self.state})
         decode = {"input_ids": ((1, 1), (b, 1), (b, 1)), "positions": ((1, 1), (b, 1), (b, 1))}
         decode.update({s["input"]: (state(s, 1), state(s, b), state(s, b)) for s in self.state})
@@ -103,12 +106,14 @@ def build_engine(onnx_path: Path, shapes: EngineShapes, flavour: str = "any", wo
 ENGINE_FILE = "engine.plan"
 
 
-def build_bundle_engine(folder: Path, max_batch: int, flavour: str, progress=lambda stage: None) -> dict:
-    """Build folder/engine.plan from the bundle's model.onnx (host or device); returns the manifest fields."""
+def build_bundle_engine(folder: Path, max_batch: int, flavour: str, progress=lambda stage: None,
+                        max_prefill: int | None = None) -> dict:
+    """Build folder/engine.plan from the bundle's model.onnx (host or device); returns the manifest fields.
+    max_prefill: the longest prefill call (the bundle's prefill_chunk; the backends chunk longer prompts)."""
     import os
 
     info = json.loads((folder / "export.json").read_text())
-    shapes = EngineShapes.from_export(info, max_batch)
+    shapes = EngineShapes.from_export(info, max_batch, max_prefill)
     blob, meta = build_engine(folder / "model.onnx", shapes, flavour, progress=progress)
     tmp = folder / f".{ENGINE_FILE}.tmp"
     tmp.write_bytes(blob)

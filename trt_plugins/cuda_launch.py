@@ -73,6 +73,15 @@ def address_resolver(plan: Plan, addresses: dict[str, int], workspace: int):
     return address_of
 
 
+def _checked(driver, result, call: str):
+    """The value of a cuda-python driver call, or LaunchError with the driver's error name."""
+    err, *values = result
+    if err != driver.CUresult.CUDA_SUCCESS:
+        _, name = driver.cuGetErrorName(err)
+        raise LaunchError(f"{call}: {name.decode() if isinstance(name, bytes) else name}")
+    return values[0] if len(values) == 1 else values
+
+
 class CudaKernels:
     """The compiled kernels of one SM folder (<kernels>/<sm_XY>/<config>.cubin/.ptx/.json), loaded on first use."""
 
@@ -85,12 +94,24 @@ class CudaKernels:
         self.context = self._check(driver.cuDevicePrimaryCtxRetain(device), "cuDevicePrimaryCtxRetain")
         self._functions: dict[str, tuple] = {}
 
+    @classmethod
+    def for_this_gpu(cls, root: Path) -> "CudaKernels":
+        """The kernels of root/sm_XY for GPU 0's compute capability."""
+        from cuda.bindings import driver
+
+        _checked(driver, driver.cuInit(0), "cuInit")
+        device = _checked(driver, driver.cuDeviceGet(0), "cuDeviceGet")
+        attr = driver.CUdevice_attribute
+        major, minor = (_checked(driver, driver.cuDeviceGetAttribute(a, device), "cuDeviceGetAttribute") for a in (
+            attr.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR, attr.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR))
+        folder = Path(root) / f"sm_{major}{minor}"
+        if not folder.is_dir():
+            raise LaunchError(f"{folder}: no kernels compiled for this GPU (sm_{major}{minor}); rebuild the bundle "
+                              f"for this device (cpm-edge engine --device ...)")
+        return cls(folder)
+
     def _check(self, result, call: str):
-        err, *values = result
-        if err != self.driver.CUresult.CUDA_SUCCESS:
-            _, name = self.driver.cuGetErrorName(err)
-            raise LaunchError(f"{call}: {name.decode() if isinstance(name, bytes) else name}")
-        return values[0] if len(values) == 1 else values
+        return _checked(self.driver, result, call)
 
     def make_current(self):
         """The primary context on the calling thread (TensorRT's runtime uses the same one)."""

@@ -68,33 +68,22 @@ _KERNELS: dict[str, object] = {}
 
 def gpu_kernels():
     """The CUDA executor (trt_plugins/cuda_launch.py) over $CPM_EDGE_KERNELS/<sm_XY>/ for this GPU."""
-    from cuda.bindings import driver  # the device's dependency only (cuda-bindings)
-
-    from trt_plugins.cuda_launch import CudaKernels
+    from trt_plugins.cuda_launch import CudaKernels  # cuda-python: the device's dependency only
 
     root = os.environ.get(KERNEL_DIR_ENV)
     if not root:
         raise RuntimeError(f"{KERNEL_DIR_ENV} is not set: the tensorrt backend points it at the bundle's kernels/")
     if root not in _KERNELS:
-        driver.cuInit(0)
-        _, device = driver.cuDeviceGet(0)
-        attr = driver.CUdevice_attribute
-        _, major = driver.cuDeviceGetAttribute(attr.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR, device)
-        _, minor = driver.cuDeviceGetAttribute(attr.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR, device)
-        folder = Path(root) / f"sm_{major}{minor}"
-        if not folder.is_dir():
-            raise RuntimeError(f"{folder}: no kernels compiled for this GPU (sm_{major}{minor}); rebuild the bundle "
-                               f"for this device (cpm-edge engine --device ...)")
-        _KERNELS[root] = CudaKernels(folder)
+        _KERNELS[root] = CudaKernels.for_this_gpu(Path(root))
     return _KERNELS[root]
 
 
-def attention_plan_for(values_sparse, dims_q, dims_cache, dims_kc, dtype: str):
+def attention_plan_for(sparse, dims_q, dims_cache, dims_kc, dtype: str):
     """The CpmAttention plan for these tensor shapes (plans.attention_plan; cached there)."""
     B, T, HD = (int(d) for d in dims_q)
     _, Hkv, S, D = (int(d) for d in dims_cache)
     kernels = int(dims_kc[2]) if dims_kc is not None else -1
-    return plans.attention_plan(plans.AttentionShape(B, T, HD // D, Hkv, S, D, kernels), dtype, values_sparse)
+    return plans.attention_plan(plans.AttentionShape(B, T, HD // D, Hkv, S, D, kernels), dtype, sparse)
 
 
 def _dtype_name(trt, dtype) -> str:
@@ -195,7 +184,7 @@ def build_plugin_classes(trt):
             return [trt.DimsExprs(inputs[i]) for i in ((0, 3, 4, 6) if self.sparse else (0, 3, 4))]
 
         def get_workspace_size(self, inputs, outputs):
-            kc = inputs[6].max if self.sparse else None
+            kc = inputs[6].max if self.sparse else None  # the workspace (fp32/int32 slices) is the same for any dtype
             return attention_plan_for(self.sparse, inputs[0].max, inputs[3].max, kc, "fp16").workspace_bytes
 
         def enqueue(self, input_desc, output_desc, inputs, outputs, workspace, stream):

@@ -33,10 +33,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # gpu_check_cases beside this file, however it is run
 from gpu_check_cases import (  # noqa: E402
-    ATOL_ATTENTION, ATOL_KC, ATOL_STAGE1, COS_MIN, DRY_SIZES, GPU_SIZES, REL_TERNARY, Context, Unavailable,
-    aot_executor, check_aot_preflight, check_attention_plan, check_bandwidth, check_block_list_attention, check_compress_keys,
-    check_dense_attention, check_gemv, check_infllm, check_select, check_sparse_decode, check_stage1,
-    check_ternary_linear, check_ternary_plan, run_triton)
+    ATOL_ATTENTION, ATOL_KC, ATOL_STAGE1, COS_MIN, DRY_SIZES, GPU_SIZES, NEAR_TIE_REL, REL_TERNARY, Context,
+    Unavailable, aot_executor, check_aot_preflight, check_attention_plan, check_bandwidth,
+    check_block_list_attention, check_compress_keys, check_dense_attention, check_gemv, check_infllm, check_select,
+    check_sparse_decode, check_stage1, check_ternary_linear, check_ternary_plan, run_triton)
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
@@ -327,7 +327,8 @@ def main(argv=None) -> int:
               "budget_s": args.budget_s, **env, "kernels_dir": str(args.kernels) if args.kernels else None,
               "sparse_config": vars(ctx.cfg), "models": ctx.sizes.models,
               "tolerances": {"attention_atol": ATOL_ATTENTION, "stage1_atol": ATOL_STAGE1, "compressed_keys_atol": ATOL_KC,
-                             "ternary_rel": REL_TERNARY, "cosine_min": COS_MIN, "select_blocks": "exact"},
+                             "ternary_rel": REL_TERNARY, "cosine_min": COS_MIN, "select_blocks": "exact",
+                             "near_tie_relative_gap": NEAR_TIE_REL},
               "checks": []}
     runner = Runner(path, report, args.budget_s)
     runner.save()

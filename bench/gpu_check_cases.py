@@ -17,6 +17,9 @@ ATOL_STAGE1 = 1e-4    # fp32 dot and online softmax of the same half inputs, sum
 ATOL_KC = 1e-5        # fp32 mean of kernel_size half keys, summed in another order
 REL_TERNARY = {"fp16": 2e-3, "bf16": 1.6e-2}  # of the largest |y|: both round an fp32 sum to the dtype once
 COS_MIN = 0.9999
+# Stage-1 scores of two blocks this close (relative) may be ranked either way by fp32 rounding (the kernel and
+# torch sum in different orders, ~1e-6); a wrong selection picks blocks whose scores differ by far more.
+NEAR_TIE_REL = 1e-4
 
 
 class Unavailable(Exception):
@@ -235,6 +238,34 @@ def lists_to_mask(idx, cnt, n_blocks: int):
     return mask[..., :n_blocks]
 
 
+def tie_adjusted_reference(q, k, v, positions, cfg, expected):
+    """The reference attention `expected` (B, H, T, D), except for tokens whose blocks the Triton selection
+    (stage 1 over the cache's compressed keys, then select_blocks) ranks differently from the reference: for
+    those, the reference attention over the kernels' own blocks. With random inputs a few of the hundreds of
+    rows of a prefill meet near-equal scores; `max_relative_gap` says how near (NEAR_TIE_REL bounds it)."""
+    import torch
+    from trt_plugins.attention import kernels, reference as ref, selection
+
+    n_blocks = -(-k.shape[2] // cfg.block_size)
+    kc = ref.compress_keys(k, cfg)
+    idx, cnt = selection.select_blocks(kernels.stage1_scores(q, kc, positions, cfg), positions, cfg, n_blocks)
+    got = lists_to_mask(idx, cnt, n_blocks)
+    scores = ref.block_scores(ref.stage1_scores(q, kc, positions, cfg), n_blocks, cfg)
+    chosen = ref.select_blocks(scores, positions, cfg)
+    dense = ref.dense_rows(positions, cfg)
+    differ = (got != chosen) & ~dense[:, None, None, None]  # (B, Hkv, T, NB)
+    rows = differ.any(-1)
+    info = {"rows": int((~dense).sum()) * rows.shape[1] * rows.shape[2], "rows_ranked_differently": int(rows.sum()),
+            "max_relative_gap": 0.0}
+    if not bool(rows.any()):
+        return expected, info
+    only_kernel = torch.where(got & differ, scores, float("-inf")).amax(-1)[rows]
+    only_ref = torch.where(chosen & differ, scores, float("inf")).amin(-1)[rows]
+    info["max_relative_gap"] = float(((only_ref - only_kernel).abs() / scores.amax(-1)[rows].clamp_min(1e-30)).max())
+    alt = ref.attention_ref(q, k, v, positions, got | dense[:, None, None, None], cfg.block_size)
+    return torch.where(rows.any(1)[:, None, :, None], alt, expected), info
+
+
 class Inputs:
     """Fresh random inputs for one check, on the check's device (seeded per check, printed in the results)."""
 
@@ -305,18 +336,13 @@ def check_block_list_attention(ctx, model, dtype):
 
 def check_infllm(ctx, model, dtype):
     """The whole InfLLM v2 pipeline in Triton kernels, a sparse row and a dense row (below dense_len)."""
-    from trt_plugins.attention import kernels, reference as ref, selection
+    from trt_plugins.attention import kernels, reference as ref
     q, k, v, pos = selection_inputs(ctx, "infllm", model, dtype)
     pos[1] = sorted_positions(Inputs(ctx, "infllm-dense").gen, 1, q.shape[2], 0, ctx.cfg.dense_len - 1)[0].to(pos)
     qf, kf, vf = q.float(), k.float(), v.float()
-    out = compare(kernels.infllm_v2_attention(q, k, v, pos, ctx.cfg), ref.infllm_v2_attention_ref(qf, kf, vf, pos, ctx.cfg),
-                  ATOL_ATTENTION[dtype])
-    # Where the output fails, this says whether the selection differed (near-equal scores) or the attention.
-    n_blocks = -(-k.shape[2] // ctx.cfg.block_size)
-    idx, cnt = selection.select_blocks(kernels.stage1_scores(q[:1], selection.compress_keys(k[:1], ctx.cfg), pos[:1],
-                                                             ctx.cfg), pos[:1], ctx.cfg, n_blocks)
-    expected = ref.sparse_block_mask(qf[:1], kf[:1], pos[:1], ctx.cfg)
-    return {**out, "sparse_row_selection_differs_in": int((lists_to_mask(idx, cnt, n_blocks) != expected).any(-1).sum())}
+    expected, ties = tie_adjusted_reference(qf, kf, vf, pos, ctx.cfg, ref.infllm_v2_attention_ref(qf, kf, vf, pos, ctx.cfg))
+    out = compare(kernels.infllm_v2_attention(q, k, v, pos, ctx.cfg), expected, ATOL_ATTENTION[dtype])
+    return {**out, "selection": ties, "pass": out["pass"] and ties["max_relative_gap"] <= NEAR_TIE_REL}
 
 
 def check_ternary_linear(ctx, dtype):
@@ -488,13 +514,20 @@ def check_attention_plan(ctx: Context, model: str, dtype: str, sparse: bool, exe
         out = ops.cpm_attention_eager(q.view(2, tokens, H, D), k.view(2, tokens, Hkv, D), v.view(2, tokens, Hkv, D),
                                       expected["k_cache"], expected["v_cache"], positions, cfg, expected.get("kc"))
         expected = dict(zip(("k_cache", "v_cache", "kc"), out[1:]))
+        want, ties = out[0], None
+        if sparse:  # (B, T, H, D) <-> (B, H, T, D)
+            want, ties = tie_adjusted_reference(q.view(2, tokens, H, D).transpose(1, 2), expected["k_cache"],
+                                                expected["v_cache"], positions, cfg, want.transpose(1, 2))
+            want = want.transpose(1, 2)
         step = {"tokens": tokens, "first_positions": start, "launches": len(plan.launches),
-                "out": compare(tensors["out"], out[0].reshape(2, tokens, H * D), ATOL_ATTENTION[dtype]),
+                "out": compare(tensors["out"], want.reshape(2, tokens, H * D), ATOL_ATTENTION[dtype]),
                 "caches_equal": bool(torch.equal(state["k_cache"], expected["k_cache"])
                                      and torch.equal(state["v_cache"], expected["v_cache"]))}
         if sparse:
             step["kc"] = compare(state["kc"], expected["kc"], ATOL_KC)
-        step["pass"] = step["out"]["pass"] and step["caches_equal"] and step.get("kc", {"pass": True})["pass"]
+            step["selection"] = ties
+        step["pass"] = (step["out"]["pass"] and step["caches_equal"] and step.get("kc", {"pass": True})["pass"]
+                        and (ties is None or ties["max_relative_gap"] <= NEAR_TIE_REL))
         steps.append(step)
     return {"steps": steps, "pass": all(s["pass"] for s in steps)}
 
@@ -549,7 +582,9 @@ def check_sparse_decode(ctx: Context, context: int) -> dict:
     expected = ops.cpm_attention_eager(t["q"].view(1, 1, H, D), t["k"].view(1, 1, Hkv, D), t["v"].view(1, 1, Hkv, D),
                                        t["k_cache"].clone(), t["v_cache"].clone(), t["positions"], cfg, t["kc"].clone())
     bound = run_triton(sparse, t)
-    correct = compare(t["out"], expected[0].reshape(1, 1, H * D), ATOL_ATTENTION["bf16"])
+    want, ties = tie_adjusted_reference(q4(t), expected[1], expected[2], t["positions"], cfg, expected[0].transpose(1, 2))
+    correct = compare(t["out"], want.transpose(1, 2).reshape(1, 1, H * D), ATOL_ATTENTION["bf16"])
+    correct.update(selection=ties, **{"pass": correct["pass"] and ties["max_relative_gap"] <= NEAR_TIE_REL})
     pos = [S - 1]
     n_vis = [visible_kernels(S - 1, cfg.kernel_size, cfg.kernel_stride, NK)]
     width = sparse.buffer("block_idx").numel // Hkv

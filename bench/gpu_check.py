@@ -31,12 +31,13 @@ import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # gpu_check_cases beside this file, however it is run
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # gpu_check_cases, _timings beside this file
 from gpu_check_cases import (  # noqa: E402
     ATOL_ATTENTION, ATOL_KC, ATOL_STAGE1, COS_MIN, DRY_SIZES, GPU_SIZES, NEAR_TIE_REL, REL_TERNARY, Context,
-    Unavailable, aot_executor, check_aot_preflight, check_attention_plan, check_bandwidth,
-    check_block_list_attention, check_compress_keys, check_dense_attention, check_gemv, check_infllm, check_select,
-    check_sparse_decode, check_stage1, check_ternary_linear, check_ternary_plan, run_triton)
+    Unavailable, aot_executor, check_aot_preflight, check_attention_plan, check_block_list_attention,
+    check_compress_keys, check_dense_attention, check_infllm, check_select, check_stage1, check_ternary_linear,
+    check_ternary_plan, run_triton)
+from gpu_check_timings import check_bandwidth, check_gemv, check_sparse_decode  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"

@@ -22,6 +22,7 @@ SCRIPT = ROOT / "bench" / "gpu_check.py"
 sys.path.insert(0, str(SCRIPT.parent))
 import gpu_check  # noqa: E402
 import gpu_check_cases as cases  # noqa: E402
+import gpu_check_timings as timings  # noqa: E402
 
 
 def run_script(*args, timeout=300, **env_set):
@@ -197,34 +198,34 @@ def test_results_are_replaced_whole_or_not_at_all(tmp_path):
 # --- the arithmetic -----------------------------------------------------------------------------------------
 def test_bandwidth_arithmetic():
     # 1 GiB copied in 0.5 ms: 2 GiB moved (read + write) in 0.5 ms
-    assert cases.copy_bandwidth_gbs(2**30, 0.5) == pytest.approx(2 * 2**30 / 0.5e-3 / 1e9)
-    assert cases.achieved(4 * 10**6, 2.0, 4.0) == pytest.approx({"gbs": 2.0, "pct_of_copy_bandwidth": 50.0})
-    assert cases.achieved(10**9, 1000.0, None) == {"gbs": 1.0, "pct_of_copy_bandwidth": None}
+    assert timings.copy_bandwidth_gbs(2**30, 0.5) == pytest.approx(2 * 2**30 / 0.5e-3 / 1e9)
+    assert timings.achieved(4 * 10**6, 2.0, 4.0) == pytest.approx({"gbs": 2.0, "pct_of_copy_bandwidth": 50.0})
+    assert timings.achieved(10**9, 1000.0, None) == {"gbs": 1.0, "pct_of_copy_bandwidth": None}
     l2 = 50 * 2**20
-    assert cases.rotation_sets(15 * 2**20, 136 * 2**20, l2) == 11           # ceil(150 / 15) + 1
-    assert cases.rotation_sets(2 * 2**30, 2 * 2**30, l2) == 2               # reads 40 L2s: two sets anyway
-    assert cases.rotation_sets(4 * 2**20, 4 * 2**20, l2) == 39              # ceil(150 / 4) + 1
-    assert cases.rotation_sets(2**10, 2**10, l2) == 64                      # at most 64
-    assert cases.rotation_sets(2**20, 3 * 2**30, l2) == 2                   # memory: at least 2 all the same
+    assert timings.rotation_sets(15 * 2**20, 136 * 2**20, l2) == 11           # ceil(150 / 15) + 1
+    assert timings.rotation_sets(2 * 2**30, 2 * 2**30, l2) == 2               # reads 40 L2s: two sets anyway
+    assert timings.rotation_sets(4 * 2**20, 4 * 2**20, l2) == 39              # ceil(150 / 4) + 1
+    assert timings.rotation_sets(2**10, 2**10, l2) == 64                      # at most 64
+    assert timings.rotation_sets(2**20, 3 * 2**30, l2) == 2                   # memory: at least 2 all the same
 
 
 def test_sparse_decode_bytes_count_the_attended_keys_by_hand():
     # two kv heads of one row at position 200, blocks of 64: head 0 attends blocks 0 and 3 (64 + 9 keys: 192..200),
     # head 1 blocks 1, 2 (128 keys); slots past the count are not read
-    got = cases.sparse_decode_bytes([[0, 3, 7], [1, 2, 0]], [2, 2], [200], heads=32, kv_heads=2, head_dim=128,
+    got = timings.sparse_decode_bytes([[0, 3, 7], [1, 2, 0]], [2, 2], [200], heads=32, kv_heads=2, head_dim=128,
                                     elem=2, block_size=64, n_visible=[11])
     keys = 64 + 9 + 128
     assert got == {"keys_attended": keys, "kv_bytes": 2 * keys * 128 * 2, "compressed_key_bytes": 2 * 11 * 128 * 4,
                    "q_bytes": 32 * 128 * 2, "total": 2 * keys * 256 + 2 * 11 * 512 + 32 * 256}
-    assert cases.dense_decode_bytes([200], heads=32, kv_heads=2, head_dim=128, elem=2) == 2 * 2 * 201 * 256 + 32 * 256
-    assert cases.visible_kernels(200, 32, 16, 100) == (200 - 31) // 16 + 1
-    assert cases.visible_kernels(30, 32, 16, 100) == 0 and cases.visible_kernels(10**6, 32, 16, 100) == 100
+    assert timings.dense_decode_bytes([200], heads=32, kv_heads=2, head_dim=128, elem=2) == 2 * 2 * 201 * 256 + 32 * 256
+    assert timings.visible_kernels(200, 32, 16, 100) == (200 - 31) // 16 + 1
+    assert timings.visible_kernels(30, 32, 16, 100) == 0 and timings.visible_kernels(10**6, 32, 16, 100) == 100
 
 
 def test_ternary_plan_bytes_are_its_inputs():
     from trt_plugins import plans
     plan = plans.ternary_plan(1, 14336, 4096, 1024, 1, 0, "fp16")
-    assert cases.plan_input_bytes(plan) == 14336 * 4096 // 4 + 14336 * 4 + 4096 * 2
+    assert timings.plan_input_bytes(plan) == 14336 * 4096 // 4 + 14336 * 4 + 4096 * 2
 
 
 def test_aot_executor_gets_every_buffer_pointer_and_a_workspace():

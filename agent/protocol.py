@@ -346,8 +346,10 @@ def chunk_payload(rid, seq: int, text: str) -> bytes:
 
 
 def done_payload(rid, seq: int, text: str, finish_reason: str, prompt_tokens: int, completion_tokens: int,
-                 timings: dict) -> bytes:
-    return _dump({"id": rid, "type": "done", "seq": seq, "text": text, "finish_reason": finish_reason,
+                 timings: dict, **extra) -> bytes:
+    """The final message of a completed request; `extra` fields (e.g. reasoning, parsed) go in when not None."""
+    return _dump({"id": rid, "type": "done", "seq": seq, "text": text,
+                  **{k: v for k, v in extra.items() if v is not None}, "finish_reason": finish_reason,
                   "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens},
                   "timings": {k: round(v, 3) for k, v in timings.items()}})
 

@@ -19,6 +19,11 @@ from export.checkpoint import CheckpointError
 DEVICES_DIR = Path(__file__).resolve().parents[1] / "devices"
 FLAVOURS = ("tensorrt", "tensorrt-rtx", "onnxruntime")  # onnxruntime: devices/cpu, no engine
 DTYPE_BYTES = {"fp16": 2, "bf16": 2, "fp32": 4}
+# The weights an engine holds: "float" (the profile's dtype) or "int4" (W4A16: the attention and MLP
+# projections as 4-bit codes with one dtype scale per group of weight_group_size inputs; embeddings, norms and
+# lm_head stay in the dtype, as in the GPTQ/AWQ checkpoints OpenBMB publishes).
+WEIGHT_FORMATS = ("float", "int4")
+INT4_GROUP_SIZES = (32, 64, 128)
 FLOOR_KEYS = ("decode_tokens_per_s", "prefill_tokens_per_s", "time_to_first_token_ms", "gpu_memory_gb")
 EFFICIENCY_KEYS = ("decode", "prefill")
 
@@ -49,6 +54,8 @@ class DeviceProfile:
     efficiency: dict = field(default_factory=dict)  # decode / prefill: share of those a healthy engine reaches
     step_overhead_ms: float = 0.0       # fixed cost of one engine call (launches, Python plugins)
     prefill_chunk: int = 512            # prompt tokens per agent step: a long prompt never stalls the others
+    weights: str = "float"              # WEIGHT_FORMATS: what `make engine` exports a float checkpoint to
+    weight_group_size: int = 128        # int4: inputs per scale
     path: str = ""
 
     @property
@@ -66,7 +73,8 @@ SCHEMA = {  # key: (type, required)
     "max_context": (int, True), "dtype": (str, True), "sparse": (bool, True), "kv_cache_fraction": (float, True),
     "default_model": (str, True), "jetpack": (str, False), "floors": (dict, False),
     "memory_bandwidth_gbs": (float, False), "tensor_tflops": (float, False), "efficiency": (dict, False),
-    "step_overhead_ms": (float, False), "prefill_chunk": (int, False),
+    "step_overhead_ms": (float, False), "prefill_chunk": (int, False), "weights": (str, False),
+    "weight_group_size": (int, False),
 }
 
 
@@ -121,6 +129,9 @@ def profile_from_dict(raw, source: str) -> DeviceProfile:
         (p.max_batch >= 1, "max_batch", "must be at least 1"),
         (p.max_context >= 16, "max_context", "must be at least 16"),
         (p.prefill_chunk >= 1, "prefill_chunk", "must be at least 1"),
+        (p.weights in WEIGHT_FORMATS, "weights", f"must be one of {', '.join(WEIGHT_FORMATS)}"),
+        (p.weight_group_size in INT4_GROUP_SIZES, "weight_group_size",
+         f"must be one of {', '.join(map(str, INT4_GROUP_SIZES))}"),
         (all(k in FLOOR_KEYS for k in p.floors), "floors", f"may hold only {', '.join(FLOOR_KEYS)}"),
         (p.memory_bandwidth_gbs >= 0 and p.tensor_tflops >= 0 and p.step_overhead_ms >= 0, "memory_bandwidth_gbs",
          "and tensor_tflops, step_overhead_ms must not be negative"),
@@ -146,13 +157,37 @@ def kv_bytes_per_token(config, dtype: str, sparse: bool) -> int:
     return per_layer * config.num_hidden_layers
 
 
-def weight_bytes(config, dtype: str) -> int:
+def projection_shapes(config) -> list[tuple[int, int]]:
+    """(out_features, in_features) of one layer's attention and MLP projections (q, k, v, o, gate, up, down)."""
     c = config
-    per_layer = (2 * c.hidden_size * c.num_attention_heads * c.head_dim
-                 + 2 * c.hidden_size * c.num_key_value_heads * c.head_dim + 3 * c.hidden_size * c.intermediate_size)
+    q, kv = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
+    return [(q, c.hidden_size), (kv, c.hidden_size), (kv, c.hidden_size), (c.hidden_size, q),
+            (c.intermediate_size, c.hidden_size), (c.intermediate_size, c.hidden_size),
+            (c.hidden_size, c.intermediate_size)]
+
+
+def int4_bytes(out_features: int, in_features: int, dtype: str, group_size: int, zeros: bool = False) -> int:
+    """One int4 linear in the kit's layout (trt_plugins/int4): two codes a byte, a dtype scale per group,
+    and with asymmetric weights a 4-bit zero point per group."""
+    groups = -(-in_features // group_size)
+    return (out_features * in_features // 2 + out_features * groups * DTYPE_BYTES[dtype]
+            + (out_features * -(-groups // 2) if zeros else 0))
+
+
+def weight_bytes(config, dtype: str, weights: str = "float", group_size: int = 128) -> int:
+    """Every weight the engine holds, embedding table (and an untied lm_head) included."""
+    c = config
+    if weights == "int4":
+        projections = sum(int4_bytes(n, k, dtype, group_size) for n, k in projection_shapes(c))
+    else:
+        projections = sum(n * k for n, k in projection_shapes(c)) * DTYPE_BYTES[dtype]
     embed = c.vocab_size * c.hidden_size * (1 if c.tie_word_embeddings else 2)
     norms = (2 * c.num_hidden_layers + 1) * c.hidden_size
-    return (per_layer * c.num_hidden_layers + embed + norms) * DTYPE_BYTES[dtype]
+    return projections * c.num_hidden_layers + (embed + norms) * DTYPE_BYTES[dtype]
+
+
+def profile_weight_bytes(profile: DeviceProfile, config) -> int:
+    return weight_bytes(config, profile.dtype, profile.weights, profile.weight_group_size)
 
 
 # --- what an engine holds, and how fast it can be -------------------------------------------------------
@@ -237,7 +272,7 @@ def memory_plan(profile: DeviceProfile, config, context: int | None = None, batc
                  for rows, tokens in ((1, min(context, SPARSE_CHUNK)), (batch, 1))]
         kc = c.num_hidden_layers * plans[1].buffer("kc").nbytes
         work = max(p.workspace_bytes for p in plans)
-    return Plan(batch, context, sparse, weight_bytes(config, profile.dtype),
+    return Plan(batch, context, sparse, profile_weight_bytes(profile, config),
                 batch * context * kv_cache_bytes_per_position(config, profile.dtype), kc, work,
                 min(context, profile.prefill_chunk) * activation_bytes_per_token(config, profile.dtype),  # longest prefill call
                 int(profile.memory_gb * GIB * 0.9), profile.kv_budget_bytes)
@@ -264,12 +299,19 @@ def plan_for(profile: DeviceProfile, config, model_name: str = "the model", cont
     return plan
 
 
-def weights_read_per_token(config, dtype: str) -> int:
+def weights_read_per_token(profile: DeviceProfile, config) -> int:
     """Weight bytes one decode step reads: every matrix, but only one row of an untied embedding table
     (a gather); a tied table is read whole as the lm_head."""
     c = config
-    untouched = 0 if c.tie_word_embeddings else (c.vocab_size - 1) * c.hidden_size * DTYPE_BYTES[dtype]
-    return weight_bytes(config, dtype) - untouched
+    untouched = 0 if c.tie_word_embeddings else (c.vocab_size - 1) * c.hidden_size * DTYPE_BYTES[profile.dtype]
+    return profile_weight_bytes(profile, config) - untouched
+
+
+def parameters_per_token(config) -> int:
+    """Multiply-adds per token of the matrices a decode step reads (the projections, the lm_head): what
+    prefill computes per token, whatever the weights' storage."""
+    c = config
+    return sum(n * k for n, k in projection_shapes(c)) * c.num_hidden_layers + c.vocab_size * c.hidden_size
 
 
 def kv_read_per_token(config, dtype: str, position: int, sparse: bool) -> int:
@@ -291,20 +333,19 @@ def speed_model(profile: DeviceProfile, config, plan: Plan, prompt_tokens: int |
 
     decode: memory-bound, ceiling = memory_bandwidth / bytes read per token (weights + KV at the mean position
     of the run); floor = 1 / (1 / (ceiling x efficiency.decode) + step_overhead). prefill: compute-bound,
-    ceiling = tensor_tflops / (2 x weights read per token in parameters); floor = ceiling x efficiency.prefill.
+    ceiling = tensor_tflops / (2 x multiply-adds per token); floor = ceiling x efficiency.prefill.
     Empty when the profile states no memory_bandwidth_gbs."""
     if not profile.memory_bandwidth_gbs:
         return {}
     prompt = min(prompt_tokens or SPEED_TEST["prompt_tokens"], plan.max_context // 2)
     decode = decode_tokens or SPEED_TEST["decode_tokens"]
     position = prompt + decode // 2
-    read = weights_read_per_token(config, profile.dtype) + kv_read_per_token(config, profile.dtype, position,
-                                                                             plan.sparse)
+    read = weights_read_per_token(profile, config) + kv_read_per_token(config, profile.dtype, position, plan.sparse)
     ceiling = profile.memory_bandwidth_gbs * 1e9 / read
     eff = profile.efficiency
     overhead = profile.step_overhead_ms / 1000
-    at_full = weights_read_per_token(config, profile.dtype) + kv_read_per_token(config, profile.dtype,
-                                                                                plan.max_context - 1, plan.sparse)
+    at_full = weights_read_per_token(profile, config) + kv_read_per_token(config, profile.dtype,
+                                                                          plan.max_context - 1, plan.sparse)
     out = {"bytes_read_per_decode_token": read, "position": position, "prompt_tokens": prompt,
            "decode_ceiling_at_full_context": profile.memory_bandwidth_gbs * 1e9 / at_full,
            "decode_tokens": decode, "memory_bandwidth_gbs": profile.memory_bandwidth_gbs, "efficiency": eff,
@@ -312,7 +353,7 @@ def speed_model(profile: DeviceProfile, config, plan: Plan, prompt_tokens: int |
            "ceilings": {"decode_tokens_per_s": ceiling},
            "floors": {"decode_tokens_per_s": 1 / (1 / (ceiling * eff["decode"]) + overhead)}}
     if profile.tensor_tflops:
-        flops = 2 * weights_read_per_token(config, profile.dtype) / DTYPE_BYTES[profile.dtype]
+        flops = 2 * parameters_per_token(config)
         prefill_ceiling = profile.tensor_tflops * 1e12 / flops
         prefill_floor = prefill_ceiling * eff["prefill"]
         out["ceilings"]["prefill_tokens_per_s"] = prefill_ceiling

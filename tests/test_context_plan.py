@@ -12,6 +12,7 @@ import yaml
 from cli_helpers import run_cli
 
 CONFIGS = Path(__file__).parent / "data" / "configs"
+DEVICES = Path(__file__).resolve().parents[1] / "devices"
 # docs/reference MINICPM4.md, "Published values" of InfLLM v2
 PUBLISHED_SPARSE = {"kernel_size": 32, "kernel_stride": 16, "init_blocks": 1, "block_size": 64, "window_size": 2048,
                     "topk": 64, "use_nope": False, "dense_len": 8192}
@@ -96,6 +97,48 @@ def test_orin_holds_minicpm4_8b_at_128k_by_independent_arithmetic():
     assert model["decode_ceiling_at_full_context"] == pytest.approx(204.8e9 / at_full, rel=1e-12)
     assert model["floors"]["decode_tokens_per_s"] < ceiling  # the old floor said 15
     assert model["floors"]["prefill_tokens_per_s"] < model["ceilings"]["prefill_tokens_per_s"]
+
+
+@pytest.mark.parametrize("group", [32, 128])
+def test_int4_weights_are_counted_by_independent_arithmetic(group):
+    """MiniCPM4-8B with W4A16 projections (4 bits a weight, one fp16 scale per `group` inputs; embeddings,
+    lm_head and norms in fp16): the plan, the decode ceiling and the prefill ceiling."""
+    import dataclasses
+
+    from export.checkpoint import config_from_dict
+    from export.profiles import load_profile, memory_plan, speed_model
+
+    config = config_from_dict(config_8b())
+    orin = load_profile("orin")
+    L, H, Hkv, D, hid, inter, V = 32, 32, 2, 128, 4096, 16384, 73448
+    params = 2 * hid * H * D + 2 * hid * Hkv * D + 3 * hid * inter          # one layer's projections
+    fp16 = 2 * (L * (params + 2 * hid) + 2 * V * hid + hid)
+    int4 = L * (params // 2 + params // group * 2 + 2 * 2 * hid) + 2 * (2 * V * hid + hid)
+    plans = {w: memory_plan(dataclasses.replace(orin, weights=w, weight_group_size=group), config, 4096)
+             for w in ("float", "int4")}
+    assert plans["float"].weight_bytes == fp16 and plans["int4"].weight_bytes == int4
+    assert 0.28 < int4 / fp16 < 0.34  # 8B: projections at 4.125-4.5 bits a weight; the 1.2 GB embeddings stay fp16
+    models = {w: speed_model(dataclasses.replace(orin, weights=w, weight_group_size=group), config, plans[w])
+              for w in plans}
+    kv = (512 + 32) * L * 2 * Hkv * D * 2
+    for w, total in (("float", fp16), ("int4", int4)):
+        read = total - (V - 1) * hid * 2 + kv
+        assert models[w]["ceilings"]["decode_tokens_per_s"] == pytest.approx(204.8e9 / read, rel=1e-12)
+    # prefill computes the same multiply-adds whatever the storage
+    assert models["int4"]["ceilings"]["prefill_tokens_per_s"] == models["float"]["ceilings"]["prefill_tokens_per_s"]
+    assert models["int4"]["ceilings"]["prefill_tokens_per_s"] == pytest.approx(42.5e12 / (2 * (L * params + V * hid)))
+
+
+def test_profile_weights_key_is_checked(tmp_path):
+    from export.profiles import ProfileError, load_profile
+
+    text = (DEVICES / "jetson" / "orin.yaml").read_text()
+    for extra, needle in (("weights: int3\n", "key 'weights' must be one of float, int4"),
+                          ("weights: int4\nweight_group_size: 100\n", "key 'weight_group_size' must be one of 32")):
+        path = tmp_path / "bad.yaml"
+        path.write_text(text + extra)
+        with pytest.raises(ProfileError, match=needle):
+            load_profile(str(path))
 
 
 def test_a_context_beyond_the_published_one_is_refused(tmp_path, capsys):

@@ -11,19 +11,19 @@ BUILD      ?= build
 TARGETS    ?= sm_87,sm_89,sm_90
 SETUP_STAMP := $(VENV)/.setup-$(shell echo "$(TORCH_SPEC) $(EXTRAS)" | cksum | cut -d' ' -f1)
 
-.PHONY: setup mosquitto systemd test demo kernels engine flash test-device bench-kernels bench-agent bench-cpu gpu-check gpu-kernels clean help
+.PHONY: setup mosquitto systemd curl test demo kernels engine flash test-device bench-kernels bench-agent bench-cpu gpu-check gpu-kernels clean help
 
 help:
 	@echo "make demo    tiny MiniCPM4 model -> streamed answer (CPU, no downloads of models)"
 	@echo "make test    the test suite (what CI runs)"
 	@echo "make setup   create $(VENV) with the kit and its test dependencies"
 	@echo "make kernels compile the Triton kernels for TARGETS=$(TARGETS) into $(BUILD)/kernels (no GPU needed)"
-	@echo "make bench-kernels   sparse-attention / ternary savings (counted; timed on an NVIDIA GPU)"
+	@echo "make bench-kernels   sparse-attention / ternary / int4 savings (counted; timed on an NVIDIA GPU)"
 	@echo "make bench-agent     MQTT agent: requests/s and its own overhead on a loopback Mosquitto"
 	@echo "make bench-cpu       onnxruntime backend vs llama.cpp (same fp32 weights): decode tokens/s, peak memory"
 	@echo "make gpu-check       on an NVIDIA GPU, <= 8 min: kernels vs references (JIT and AOT $(GPU_TARGET)), timings"
 
-setup: mosquitto systemd $(SETUP_STAMP)
+setup: mosquitto systemd curl $(SETUP_STAMP)
 
 # tests/test_flash.py checks the flashed unit with the real `systemd-analyze verify` (Debian's systemd package;
 # installing it does not start systemd in a container).
@@ -32,6 +32,13 @@ systemd:
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq systemd; \
 	else echo "note: systemd-analyze is not installed (sudo apt-get install systemd); the unit check skips"; fi
+
+# tests/test_http_api.py streams one answer with the real curl (Debian's curl package).
+curl:
+	@if command -v curl >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq curl; \
+	else echo "note: curl is not installed (sudo apt-get install curl); its HTTP API test skips"; fi
 
 # The agent's tests run a real Mosquitto; as root on Debian/Ubuntu it is installed here, else say how.
 mosquitto:

@@ -1,8 +1,9 @@
 """The agent's settings: one dataclass, validated at start, with environment overrides and secrets redacted.
 
 Precedence: a value given on the command line, else the environment (CPM_EDGE_BROKER, CPM_EDGE_DEVICE_ID,
-CPM_EDGE_MQTT_USERNAME, CPM_EDGE_MQTT_PASSWORD, CPM_EDGE_PREFILL_CHUNK), else the default. The password never
-appears in logs, repr() or `redacted()`.
+CPM_EDGE_MQTT_USERNAME, CPM_EDGE_MQTT_PASSWORD, CPM_EDGE_PREFILL_CHUNK, CPM_EDGE_HTTP, CPM_EDGE_API_KEY_FILE),
+else the default. The password never appears in logs, repr() or `redacted()`; the HTTP API key is only ever
+read from its file (read_api_key), never held in the settings.
 """
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ from urllib.parse import urlsplit
 from agent.errors import AgentInputError
 
 ENV = {"broker": "CPM_EDGE_BROKER", "device_id": "CPM_EDGE_DEVICE_ID",
-       "username": "CPM_EDGE_MQTT_USERNAME", "password": "CPM_EDGE_MQTT_PASSWORD"}
+       "username": "CPM_EDGE_MQTT_USERNAME", "password": "CPM_EDGE_MQTT_PASSWORD",
+       "http": "CPM_EDGE_HTTP", "api_key_file": "CPM_EDGE_API_KEY_FILE"}
 ENV_INT = {"prefill_chunk": "CPM_EDGE_PREFILL_CHUNK"}
 DEFAULT_PREFILL_CHUNK = 512  # tokens per prefill call when neither the settings nor the bundle say
 MQTT_VERSIONS = ("5", "3.1.1")
@@ -50,6 +52,28 @@ def parse_broker_url(url: str, key: str = "--broker") -> BrokerAddress:
         raise AgentInputError(f"{key} {url!r}: expected mqtt://HOST:PORT or mqtts://HOST:PORT")
     tls = parts.scheme == "mqtts"
     return BrokerAddress(parts.hostname, port or (8883 if tls else 1883), tls)
+
+
+@dataclass(frozen=True)
+class HttpAddress:
+    host: str
+    port: int
+
+    def __str__(self):
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+def parse_http_address(value: str, key: str = "--http") -> HttpAddress:
+    """HOST:PORT where the OpenAI-compatible HTTP API listens ([::1]:8000 for IPv6; port 0: any free port)."""
+    try:
+        parts = urlsplit(f"//{value}")
+        port = parts.port
+    except ValueError as e:
+        raise AgentInputError(f"{key} {value!r}: {e} (expected HOST:PORT, e.g. 127.0.0.1:8000)") from None
+    if not isinstance(value, str) or not parts.hostname or port is None or parts.path or parts.query \
+            or parts.fragment or parts.username is not None:
+        raise AgentInputError(f"{key} {value!r}: expected HOST:PORT, e.g. 127.0.0.1:8000 or 0.0.0.0:8000")
+    return HttpAddress(parts.hostname, port)
 
 
 def check_name(value, key: str) -> str:
@@ -91,6 +115,8 @@ class AgentConfig:
     shutdown_grace_s: float = 5.0     # on stop, running requests get this long to finish
     finished_cache: int = 1024        # finals kept for `resend` after a broker restart
     finished_ttl_s: float = 300.0
+    http: Optional[str] = None        # HOST:PORT: also serve the OpenAI-compatible HTTP API there (agent/http_api.py)
+    api_key_file: Optional[str] = None  # with http: clients must send `Authorization: Bearer <the file's text>`
 
     @classmethod
     def from_sources(cls, env: Optional[dict] = None, **given) -> "AgentConfig":
@@ -162,7 +188,31 @@ class AgentConfig:
                 raise AgentInputError(f"{key} {value!r}: must be a number >= 0")
         if not self.reconnect_min_s <= self.reconnect_max_s:
             raise AgentInputError("reconnect_max_s must be >= reconnect_min_s")
+        if self.http is not None:
+            parse_http_address(self.http)
+        if self.api_key_file is not None:
+            if self.http is None:
+                raise AgentInputError(f"--api-key-file {self.api_key_file}: needs --http (the key guards the HTTP API)")
+            self.read_api_key()
         return self
+
+    @property
+    def http_address(self) -> Optional[HttpAddress]:
+        return None if self.http is None else parse_http_address(self.http)
+
+    def read_api_key(self) -> Optional[str]:
+        """The HTTP API key: the api_key_file's text without surrounding whitespace (None: no key asked)."""
+        if self.api_key_file is None:
+            return None
+        try:
+            key = Path(self.api_key_file).read_text().strip()
+        except (OSError, UnicodeDecodeError) as e:
+            why = e.strerror if isinstance(e, OSError) else "not UTF-8 text"
+            raise AgentInputError(f"--api-key-file {self.api_key_file}: cannot read ({why})") from None
+        if not key or any(c.isspace() or not c.isprintable() for c in key):
+            raise AgentInputError(f"--api-key-file {self.api_key_file}: must hold one key, printable characters "
+                                  f"without spaces (e.g. from `openssl rand -hex 32`)")
+        return key
 
     def redacted(self) -> dict:
         """Every setting, for logs: the password replaced by '***'."""

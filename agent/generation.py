@@ -81,9 +81,7 @@ def sample(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator)
     probs = np.exp(scaled - scaled.max())
     probs /= probs.sum()
     if params.top_p < 1.0:
-        order = np.argsort(-probs, kind="stable")
-        cum = np.cumsum(probs[order])
-        keep = order[: int(np.searchsorted(cum, params.top_p)) + 1]  # smallest set reaching top_p
+        keep = nucleus(probs, params.top_p)
         kept = np.zeros_like(probs)
         kept[keep] = probs[keep]
         probs = kept / kept.sum()
@@ -91,11 +89,32 @@ def sample(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator)
     return int(min(np.searchsorted(cdf, rng.random() * cdf[-1], side="right"), probs.size - 1))
 
 
+NUCLEUS_CANDIDATES = (256, 4096)  # most likely tokens sorted first; a full sort of 73k costs ~10 ms a row
+
+
+def nucleus(probs: np.ndarray, top_p: float) -> np.ndarray:
+    """Indices of the smallest set of most likely tokens whose probability reaches top_p, in the order of a
+    stable descending sort (ties: lower index first). The top candidates are partitioned out and sorted alone
+    when they already reach top_p strictly above the best token left out (then they are that sort's prefix);
+    otherwise the whole vocabulary is sorted."""
+    for m in NUCLEUS_CANDIDATES:
+        if probs.size <= 2 * m:
+            break
+        top = np.argpartition(probs, -m)[-m:]
+        order = top[np.lexsort((top, -probs[top]))]
+        i = int(np.searchsorted(np.cumsum(probs[order]), top_p))
+        if i < m - 1 and probs[order[i]] > probs[order[-1]]:
+            return order[:i + 1]
+    order = np.argsort(-probs, kind="stable")
+    return order[: int(np.searchsorted(np.cumsum(probs[order]), top_p)) + 1]
+
+
 class _Request:
     """One prompt in flight: its row, position, sampler, and text stream with stop-string hold-back."""
 
-    def __init__(self, key, ids, params, tokenizer, on_text, on_done):
+    def __init__(self, key, ids, params, tokenizer, on_text, on_done, constraint=None):
         self.key, self.ids, self.params = key, ids, params
+        self.constraint = constraint  # agent/constraints.Constraint (a grammar's token mask), or None
         self.on_text, self.on_done = on_text, on_done
         self.rng = np.random.default_rng(params.seed)
         self.stream = TextStream(tokenizer)
@@ -107,8 +126,9 @@ class _Request:
         self.last = -1
         self.started = self.first_token_at = 0.0
 
-    def accept(self, token: int, eos_ids, max_seq: int) -> str:
-        """Record a sampled token; return the text that may be shown now."""
+    def accept(self, token: int, eos_ids, max_seq: int, complete: bool = False) -> str:
+        """Record a sampled token; return the text that may be shown now. complete: the request's grammar
+        can take nothing more (it ends with "stop", even at max_tokens)."""
         out, params = self.out, self.params
         if token in eos_ids:
             out.finish_reason = "stop"
@@ -121,6 +141,9 @@ class _Request:
             if at >= 0:
                 out.finish_reason = "stop"
                 return self._flush(at)
+        if complete:
+            out.finish_reason = "stop"
+            return self._flush(len(text))
         if len(out.token_ids) >= params.max_tokens or self.pos >= max_seq:
             out.finish_reason = "length"
             return self._flush(len(text))
@@ -151,15 +174,19 @@ class BatchGenerator:
     prompt tokens in all (the prompts with the fewest tokens left first, so a short prompt is not held
     behind a long one), then runs one decode for every row whose prompt is in. None: every prompt whole.
     Callbacks run on the caller's thread: on_text(key, delta) with text as it is made, on_done(key,
-    Completion) once. Not thread-safe: one owner calls add/cancel/step.
+    Completion) once. Not thread-safe: one owner calls add/cancel/step. A request added with a constraint
+    (structured output, agent/constraints.py) samples only tokens its grammar allows and ends when the grammar
+    is complete; `masks` computes the constrained rows' masks while the backend decodes (else each row's
+    mask is computed as it samples).
     """
 
     def __init__(self, backend: Backend, tokenizer: Tokenizer, clock=time.perf_counter,
-                 prefill_chunk: Optional[int] = None):
+                 prefill_chunk: Optional[int] = None, masks=None):
         if prefill_chunk is not None and prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be >= 1 or None, got {prefill_chunk!r}")
         self.backend, self.tokenizer, self.clock = backend, tokenizer, clock
         self.prefill_chunk = prefill_chunk
+        self.masks = masks  # agent/constraints.Grammars: computes constrained rows' masks during decode
         self.eos = set(tokenizer.eos_ids)
         self.rows: list[Optional[_Request]] = [None] * backend.max_batch
         self.waiting: deque[_Request] = deque()
@@ -173,9 +200,10 @@ class BatchGenerator:
             raise AgentInputError(f"prompt: {len(ids)} tokens, but the model holds at most "
                                   f"{self.backend.max_seq} positions (prompt + answer)")
 
-    def add(self, key, ids: list[int], params: SamplingParams, on_text=None, on_done=None):
+    def add(self, key, ids: list[int], params: SamplingParams, on_text=None, on_done=None, constraint=None):
+        """constraint: a compiled grammar (agent/constraints.Constraint) every token of the answer obeys."""
         self.check(ids, params)
-        self.waiting.append(_Request(key, list(ids), params, self.tokenizer, on_text, on_done))
+        self.waiting.append(_Request(key, list(ids), params, self.tokenizer, on_text, on_done, constraint))
 
     def cancel(self, key) -> bool:
         """Finish a queued or running request now with finish_reason "cancelled"."""
@@ -214,7 +242,11 @@ class BatchGenerator:
             for r in active:
                 if r.row < n:  # a row still prefilling gets a throw-away token where its next chunk will write
                     tokens[r.row], positions[r.row] = (r.last, r.pos) if r in decoding else (0, r.prefilled)
-            logits = self.backend.decode(tokens, positions)
+            constrained = [r.constraint for r in decoding if r.constraint is not None]
+            masks_done = self.masks.start_masks(constrained) if constrained and self.masks else None
+            logits = self.backend.decode(tokens, positions)  # the masks are computed meanwhile
+            if masks_done:
+                masks_done()
             for r in decoding:
                 if self.rows[r.row] is r:  # not cancelled by a callback meanwhile
                     r.pos += 1
@@ -247,7 +279,13 @@ class BatchGenerator:
         if not req.out.token_ids and not req.first_token_at:
             req.first_token_at = now
             req.out.time_to_first_token = now - req.started
-        delta = req.accept(sample(logits, req.params, req.rng), self.eos, self.backend.max_seq)
+        complete = False
+        if req.constraint is None:
+            token = sample(logits, req.params, req.rng)
+        else:
+            token = sample(req.constraint.apply(logits), req.params, req.rng)
+            complete = token not in self.eos and req.constraint.advance(token)
+        delta = req.accept(token, self.eos, self.backend.max_seq, complete)
         if delta and req.on_text:
             req.on_text(req.key, delta)
         if req.out.finish_reason:

@@ -10,8 +10,10 @@ import json
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
+from agent.chat_template import check_template_kwargs, check_tools
+from agent.constraints import ConstraintSpec, parse_constraint
 from agent.errors import AgentInputError
 from agent.generation import SamplingParams
 
@@ -33,7 +35,7 @@ ERROR_CODES = (BAD_JSON, BAD_REQUEST, PAYLOAD_TOO_LARGE, PROMPT_TOO_LONG, TOO_MA
                DUPLICATE_ID, UNKNOWN_REQUEST, SHUTTING_DOWN, INTERNAL)
 
 REQUEST_KEYS = {"id", "reply_to", "prompt", "messages", "chat", "max_tokens", "temperature", "top_p", "top_k",
-                "seed", "stop", "stream", "expiry"}
+                "seed", "stop", "stream", "expiry", "chat_template_kwargs", "tools", "response_format", "grammar"}
 MAX_ID_CHARS = 128
 MAX_STOPS = 8
 MAX_STOP_CHARS = 64
@@ -103,6 +105,7 @@ class Inbound:
     correlation_data: Optional[bytes] = None   # MQTT v5 CorrelationData
     expiry_s: Optional[float] = None           # MQTT v5 MessageExpiryInterval left when delivered
     received_at: float = field(default_factory=time.monotonic)
+    sink: Optional[Callable[[bytes], None]] = None  # not MQTT (AgentServer.submit): replies go to this callable
 
 
 @dataclass
@@ -111,6 +114,9 @@ class ReplyTarget:
     topic: str
     correlation_data: Optional[bytes] = None
     id: Any = None
+    # Set for requests that came through AgentServer.submit (HTTP): replies are handed to it instead of the
+    # outbox. Not part of the key; such a topic starts with '$', which no MQTT reply topic may (valid_topic_name).
+    sink: Optional[Callable[[bytes], None]] = field(default=None, compare=False, repr=False)
 
     @property
     def key(self):
@@ -133,6 +139,9 @@ class Request:
     stream: bool = True
     received_at: float = 0.0
     deadline: float = math.inf   # monotonic time after which it must not start
+    chat_template_kwargs: Optional[dict] = None  # extra variables for the chat template (enable_thinking, ...)
+    tools: Optional[list] = None                 # function schemas for the chat template
+    constraint: Optional[ConstraintSpec] = None  # response_format / grammar the answer must follow
 
 
 class RequestError(Exception):
@@ -206,6 +215,8 @@ def reply_target(msg: Inbound, data: Optional[dict]) -> Optional[ReplyTarget]:
     data = data or {}
     rid = data.get("id")
     rid = rid if _valid_id(rid) else None
+    if msg.sink is not None:
+        return ReplyTarget(msg.response_topic, msg.correlation_data, rid, msg.sink)
     if msg.response_topic is not None:
         if valid_topic_name(msg.response_topic):
             return ReplyTarget(msg.response_topic, msg.correlation_data, rid)
@@ -251,6 +262,15 @@ def parse_request(msg: Inbound, limits: Limits, defaults: Optional[dict] = None)
     for key in ("chat", "stream"):
         if key in data and not isinstance(data[key], bool):
             raise bad(f"{key}: must be true or false, got {_show(data[key])}")
+    template_kwargs, tools = data.get("chat_template_kwargs"), data.get("tools")
+    try:
+        template_kwargs = None if template_kwargs is None else check_template_kwargs(template_kwargs)
+        tools = None if tools is None else check_tools(tools)
+    except AgentInputError as e:
+        raise bad(str(e)) from None
+    if (template_kwargs is not None or tools is not None) and messages is None and not data.get("chat"):
+        raise bad(f"{'chat_template_kwargs' if template_kwargs is not None else 'tools'}: only for a chat "
+                  f"('messages', or 'prompt' with \"chat\": true)")
 
     d = defaults or {}
     max_tokens = data.get("max_tokens", limits.default_max_tokens)
@@ -277,6 +297,10 @@ def parse_request(msg: Inbound, limits: Limits, defaults: Optional[dict] = None)
             raise bad(f"{key}: must be a finite number")
     if params.seed is not None and not -(2 ** 63) <= params.seed < 2 ** 64:
         raise bad("seed: must fit in 64 bits")
+    try:
+        constraint = parse_constraint(data, limits.max_payload_bytes)
+    except AgentInputError as e:
+        raise bad(str(e)) from None
 
     deadline = msg.received_at + limits.max_wait_s if limits.max_wait_s > 0 else math.inf
     if msg.expiry_s is not None:
@@ -288,7 +312,8 @@ def parse_request(msg: Inbound, limits: Limits, defaults: Optional[dict] = None)
         deadline = min(deadline, msg.received_at + expiry)
     return Request(target=target, params=params, prompt=prompt, messages=messages,
                    chat=bool(data.get("chat", False)), stream=bool(data.get("stream", True)),
-                   received_at=msg.received_at, deadline=deadline)
+                   received_at=msg.received_at, deadline=deadline, chat_template_kwargs=template_kwargs,
+                   tools=tools, constraint=constraint)
 
 
 @dataclass

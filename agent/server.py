@@ -13,16 +13,20 @@ exactly one final message, `done` or `error`: nothing is dropped silently.
 from __future__ import annotations
 
 import inspect
+import json
 import logging
+import secrets
 import threading
 import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from itertools import count
-from typing import Optional, Protocol
+from typing import Callable, Optional, Protocol
 
 from agent import protocol as P
+from agent.chat_template import split_reasoning
 from agent.config import DEFAULT_PREFILL_CHUNK, AgentConfig
+from agent.constraints import Grammars, parsed_json
 from agent.errors import AgentInputError
 from agent.generation import Backend, BatchGenerator, Completion
 from agent.tokenizer import Tokenizer
@@ -107,6 +111,7 @@ class AgentServer:
         self.max_prompt_tokens = min(config.max_prompt_tokens or backend.max_seq - 1, backend.max_seq - 1)
         self.capacity = backend.max_batch + config.queue_size
         self.inbox = Inbox(config.control_queue_size)
+        self.grammars = Grammars(tokenizer, background=True)  # structured output (vocabulary index: a thread)
         self.prefill_chunk = config.prefill_chunk or _bundle_chunk(self.info) or DEFAULT_PREFILL_CHUNK
         if "start" not in inspect.signature(backend.prefill).parameters:
             log.warning("%s.prefill takes no start position: prompts are prefilled whole, a long one stalls "
@@ -122,6 +127,7 @@ class AgentServer:
         self.counters = {"received": 0, "accepted": 0, "completed": 0, "cancelled": 0, "tokens": 0,
                          "unanswerable": 0, "controls_dropped": 0, "errors": {}}
         self._ids = count()
+        self._submitted = count()        # names of requests that came through submit()
         # scheduler-thread state
         self.generator = self._new_generator()
         self.pending: deque[_Job] = deque()     # accepted, not yet in the generator
@@ -152,6 +158,11 @@ class AgentServer:
         with self._lock:
             return self._outstanding
 
+    @property
+    def running(self) -> bool:
+        """The scheduler thread serves (started, alive, not stopping): what the HTTP health check reports."""
+        return self._thread is not None and self._thread.is_alive() and not self._stopping.is_set()
+
     def stats(self) -> dict:
         with self._lock:
             c = dict(self.counters, errors=dict(self.counters["errors"]))
@@ -160,6 +171,17 @@ class AgentServer:
         return c
 
     # --- network thread: validate and enqueue only ----------------------------------------------------
+    def submit(self, data: dict, sink: Callable[[bytes], None]) -> Callable[[], bool]:
+        """A request from a transport other than MQTT (the HTTP API): `data` is the object an MQTT client
+        sends, validated by the same parse_request; every reply payload goes to sink(payload), called from the
+        scheduler thread (or from this one for a refusal), so it must not block. Returns cancel(), which
+        ends the request as `cancelled` (False when the control queue is full)."""
+        # A '$' topic is never an MQTT reply topic, and a random correlation: no MQTT cancel/resend can name it.
+        topic, corr = f"$local/{next(self._submitted)}", secrets.token_bytes(16)
+        payload = json.dumps(data, ensure_ascii=False).encode("utf-8", "surrogatepass")
+        self.handle_request(P.Inbound(self.topics.request, payload, topic, corr, sink=sink))
+        return lambda: self.inbox.put_control("cancel", P.Control(None, corr, topic))
+
     def handle(self, msg: P.Inbound):
         kind = self.topics.kind_of(msg.topic)
         if kind == "request":
@@ -216,7 +238,7 @@ class AgentServer:
 
     # --- scheduler thread ---------------------------------------------------------------------------
     def _new_generator(self) -> BatchGenerator:
-        return BatchGenerator(self.backend, self.tokenizer, prefill_chunk=self.prefill_chunk)
+        return BatchGenerator(self.backend, self.tokenizer, prefill_chunk=self.prefill_chunk, masks=self.grammars)
 
     def _wake(self):
         self.inbox.wake()
@@ -277,16 +299,18 @@ class AgentServer:
                 continue
             try:
                 if req.messages is not None:
-                    ids = self.tokenizer.encode_chat(req.messages)
+                    ids = self.tokenizer.encode_chat(req.messages, req.chat_template_kwargs, req.tools)
                 elif req.chat:
-                    ids = self.tokenizer.encode_chat([{"role": "user", "content": req.prompt}])
+                    ids = self.tokenizer.encode_chat([{"role": "user", "content": req.prompt}],
+                                                     req.chat_template_kwargs, req.tools)
                 else:
                     ids = self.tokenizer.encode(req.prompt)
                 if len(ids) > self.max_prompt_tokens:
                     self._fail(job, P.PROMPT_TOO_LONG, f"prompt: {len(ids)} tokens, this agent takes at most "
                                                        f"{self.max_prompt_tokens}")
                     continue
-                gen.add(job.key, ids, req.params, self._on_text, self._on_done)
+                constraint = self.grammars.compile(req.constraint) if req.constraint is not None else None
+                gen.add(job.key, ids, req.params, self._on_text, self._on_done, constraint)
             except AgentInputError as e:
                 self._fail(job, P.BAD_REQUEST, str(e))
                 continue
@@ -340,8 +364,12 @@ class AgentServer:
                    "decode_ms": out.decode_seconds * 1000,
                    "total_ms": (now - job.req.received_at) * 1000,
                    "tokens_per_s": out.tokens_per_second}
-        payload = P.done_payload(job.req.target.id, job.seq, out.text, out.finish_reason, out.prompt_tokens,
-                                 len(out.token_ids), timings)
+        text, reasoning = out.text, None
+        if self.tokenizer.splits_reasoning and (job.req.messages is not None or job.req.chat):
+            reasoning, text = split_reasoning(out.text)  # chunks streamed the raw text, tags and all
+        payload = P.done_payload(job.req.target.id, job.seq, text, out.finish_reason, out.prompt_tokens,
+                                 len(out.token_ids), timings, reasoning=reasoning,
+                                 parsed=parsed_json(job.req.constraint, out.finish_reason, text))
         self._count("cancelled" if out.finish_reason == "cancelled" else "completed")
         self._release(job, job.req.target, payload, None)
 
@@ -410,7 +438,10 @@ class AgentServer:
     # --- helpers ------------------------------------------------------------------------------------
     def _publish(self, target: P.ReplyTarget, payload: bytes):
         try:
-            self.outbox.publish(target.topic, payload, target.correlation_data)
+            if target.sink is not None:  # a request that came through submit(): not an MQTT reply
+                target.sink(payload)
+            else:
+                self.outbox.publish(target.topic, payload, target.correlation_data)
         except Exception:  # a transport failure must not take the scheduler down
             log.exception("publish to %s failed", target.topic)
 

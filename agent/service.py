@@ -1,6 +1,8 @@
-"""One running device agent: the MQTT transport, the AgentServer, telemetry and the systemd watchdog.
+"""One running device agent: the MQTT transport, the AgentServer, telemetry and the systemd watchdog, and with
+config.http the OpenAI-compatible HTTP API (agent/http_api.py) on the same AgentServer.
 
-    agent = Agent(config)            # connects at once; status `loading` while the model loads
+    agent = Agent(config)            # connects at once; status `loading` while the model loads (HTTP listens
+                                     # at once too; its /health says 503 until serve)
     agent.serve(backend, tokenizer, info)   # requests taken; `online` and systemd's READY=1 once the broker
                                             # granted every subscription
     agent.wait()                     # until stop() (SIGTERM/SIGINT in the CLI)
@@ -15,6 +17,7 @@ import time
 from typing import Optional
 
 from agent.config import AgentConfig
+from agent.errors import AgentInputError
 from agent.health import Tegrastats, memory, sd_notify, watchdog_interval
 from agent.mqtt_transport import MqttTransport
 from agent.server import AgentServer
@@ -32,13 +35,17 @@ class Agent:
         self.tegrastats = Tegrastats()
         self._threads: list[threading.Thread] = []
         self._ready_sent = False
+        self.http = _http_api(self.config)  # before connecting: a port that cannot be bound is a bad setting
         self.transport.start()
 
     def serve(self, backend, tokenizer, info: Optional[dict] = None) -> AgentServer:
         info = dict(info or {})
         self.server = AgentServer(backend, tokenizer, self.config, info)
         self.server.start(self.transport)
-        status = {"max_batch": backend.max_batch, "max_seq": backend.max_seq, **_public(info)}
+        if self.http is not None:
+            self.http.attach(self.server, info)
+        status = {"max_batch": backend.max_batch, "max_seq": backend.max_seq, **_public(info),
+                  "chat_template": tokenizer.chat_template_source}  # "checkpoint" or "chatml" (the fallback)
         self.transport.on_granted = self._granted
         self.transport.serve(self.server.handle)      # subscribe first: `online` is published after the SUBACK
         self.transport.set_state("online", **status)
@@ -66,6 +73,8 @@ class Agent:
         if self.server is not None:
             if not self.server.stop():
                 log.error("the scheduler did not stop in time")
+        if self.http is not None:
+            self.http.stop()
         self.tegrastats.stop()
         self.transport.stop()
         for t in self._threads:
@@ -103,6 +112,18 @@ class Agent:
             else:
                 log.error("scheduler stuck for %.0f s: not feeding the systemd watchdog",
                           time.monotonic() - self.server.heartbeat)
+
+
+def _http_api(config: AgentConfig):
+    """The HTTP API, listening, when config.http is set (aiohttp is imported only then)."""
+    if config.http is None:
+        return None
+    try:
+        from agent.http_api import HttpApi
+    except ImportError as e:
+        raise AgentInputError(f"--http: needs aiohttp ({e.name} is not importable): pip install aiohttp, or the "
+                              f"kit with its agent extra") from None
+    return HttpApi(config.http_address, config.read_api_key(), config.max_payload_bytes).start()
 
 
 def _public(info: dict) -> dict:

@@ -1,13 +1,15 @@
-"""MiniCPM4 tokenizer on the `tokenizers` library alone (no transformers): bos, ChatML, eos ids.
+"""MiniCPM4 tokenizer on the `tokenizers` library alone (no transformers): bos, chat template, eos ids.
 
 Reads tokenizer.json, and bos/eos ids from config.json and generation_config.json (the union of their
-eos lists, as the published checkpoints spread them over both files).
+eos lists, as the published checkpoints spread them over both files). Chats are rendered with the folder's
+own chat template (agent/chat_template.py), ChatML when it has none.
 """
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+from agent.chat_template import THINK_CLOSE, THINK_OPEN, load_chat_template
 from agent.errors import AgentInputError
 
 CHAT_ROLES = ("system", "user", "assistant", "tool")
@@ -56,6 +58,15 @@ class Tokenizer:
         self.add_bos = bool(tok_cfg.get("add_bos_token", True))
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
         self.defaults = {k: gen[k] for k in ("temperature", "top_p", "top_k") if k in gen}
+        added = self._tok.get_added_tokens_decoder()
+        self.chat_template = load_chat_template(model_dir, tok_cfg, frozenset(t.content for t in added.values()))
+        self.chat_template_source = self.chat_template.source  # "checkpoint" | "chatml"
+        self.splits_reasoning = self.chat_template.reasoning   # replies carry <think>...</think>
+        # Special tokens are not text, but reasoning tags must stay in it (the split reads them): when they
+        # are special, decode skips the other special tokens itself.
+        special = {i for i, t in added.items() if t.special}
+        think = {i for i, t in added.items() if t.content in (THINK_OPEN, THINK_CLOSE)} & special
+        self._skip_ids = frozenset(special - think) if self.splits_reasoning and think else None
 
     def encode(self, text: str, bos: bool | None = None) -> list[int]:
         """Token ids of `text`, with bos prepended (unless the tokenizer already added it)."""
@@ -64,24 +75,30 @@ class Tokenizer:
             ids = [self.bos_id] + ids
         return ids
 
-    @staticmethod
-    def render_chat(messages: list[dict]) -> str:
-        """ChatML, ending with the assistant's turn opened: the template MiniCPM4 was tuned on."""
+    def render_chat(self, messages: list[dict], template_kwargs: dict | None = None,
+                    tools: list | None = None) -> str:
+        """The chat in the checkpoint's template, ending with the assistant's turn opened."""
         if not isinstance(messages, list) or not messages:
             raise AgentInputError("messages: expected a non-empty list of {role, content} objects")
-        parts = []
         for i, m in enumerate(messages):
             if not isinstance(m, dict) or m.get("role") not in CHAT_ROLES or not isinstance(m.get("content"), str):
                 raise AgentInputError(f"messages[{i}]: needs 'role' (one of {', '.join(CHAT_ROLES)}) "
                                       f"and a string 'content'")
-            parts.append(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n")
-        return "".join(parts) + "<|im_start|>assistant\n"
+        return self.chat_template.render(messages, add_generation_prompt=True, tools=tools,
+                                         **(template_kwargs or {}))
 
-    def encode_chat(self, messages: list[dict]) -> list[int]:
-        return self.encode(self.render_chat(messages))
+    def encode_chat(self, messages: list[dict], template_kwargs: dict | None = None,
+                    tools: list | None = None) -> list[int]:
+        return self.encode(self.render_chat(messages, template_kwargs, tools))
+
+    def json_text(self) -> str:
+        """The tokenizer.json this tokenizer was read from, as text (what grammar libraries build from)."""
+        return self._tok.to_str()
 
     def decode(self, ids: list[int]) -> str:
-        return self._tok.decode(list(ids), skip_special_tokens=True)
+        if self._skip_ids is None:
+            return self._tok.decode(list(ids), skip_special_tokens=True)
+        return self._tok.decode([i for i in ids if i not in self._skip_ids], skip_special_tokens=False)
 
 
 class TextStream:

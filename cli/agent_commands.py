@@ -1,4 +1,5 @@
-"""Subcommands of the MQTT side: `agent` (serve a model on a device) and `ask` (a prompt from any machine)."""
+"""Subcommands of the MQTT side: `agent` (serve a model on a device; with --http also the OpenAI-compatible HTTP
+API) and `ask` (a prompt from any machine)."""
 from __future__ import annotations
 
 import argparse
@@ -62,6 +63,11 @@ def agent_arguments(p: argparse.ArgumentParser):
                         "(env CPM_EDGE_PREFILL_CHUNK; default: the bundle's device profile, else 512)")
     p.add_argument("--state-dir", help="writable folder for what the device makes itself (engines built here); "
                                        "the systemd unit passes its StateDirectory, /var/lib/cpm-edge")
+    p.add_argument("--http", metavar="HOST:PORT",
+                   help="also serve the OpenAI-compatible HTTP API there, e.g. 127.0.0.1:8000 (env CPM_EDGE_HTTP; "
+                        "0.0.0.0:8000 for other machines: then set --api-key-file)")
+    p.add_argument("--api-key-file", help="with --http: file holding the API key HTTP clients must send as "
+                                          "`Authorization: Bearer KEY` (env CPM_EDGE_API_KEY_FILE)")
 
 
 def agent(args) -> int:
@@ -79,7 +85,7 @@ def agent(args) -> int:
         max_tokens=args.max_tokens, default_max_tokens=min(256, args.max_tokens),
         max_prompt_tokens=args.max_prompt_tokens or 0, max_payload_bytes=args.max_payload_bytes,
         max_wait_s=args.max_wait, telemetry_s=args.telemetry, session_expiry_s=args.session_expiry,
-        prefill_chunk=args.prefill_chunk).validate()
+        prefill_chunk=args.prefill_chunk, http=args.http, api_key_file=args.api_key_file).validate()
     if args.bundle and not Path(args.bundle).is_dir():
         raise AgentInputError(f"--bundle {args.bundle}: folder not found")
     if args.state_dir and not (Path(args.state_dir).is_dir() and os.access(args.state_dir, os.W_OK | os.X_OK)):
@@ -184,6 +190,6 @@ def ask(args) -> int:
 
 
 COMMANDS = [
-    ("agent", agent_arguments, agent, "serve a model bundle to other devices over MQTT"),
+    ("agent", agent_arguments, agent, "serve a model bundle to other devices over MQTT (and HTTP with --http)"),
     ("ask", ask_arguments, ask, "send a prompt to a device agent over MQTT and stream the answer"),
 ]

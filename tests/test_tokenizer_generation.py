@@ -7,7 +7,7 @@ import random
 import numpy as np
 import pytest
 
-from agent.generation import SamplingParams, generate, sample
+from agent.generation import SamplingParams, generate, nucleus, sample
 from agent.tokenizer import TextStream, Tokenizer
 from agent.errors import AgentInputError
 
@@ -97,6 +97,23 @@ def test_top_k_and_top_p_restrict_the_support():
     top_p = float(p[0] + p[1] + 0.5 * p[2])  # needs the first three tokens to reach it
     seen_p = {sample(logits, SamplingParams(temperature=1.0, top_p=top_p), rng) for _ in range(600)}
     assert seen_p == {0, 1, 2}
+
+
+@pytest.mark.parametrize("vocab", [100, 600, 73448])
+def test_nucleus_is_the_prefix_of_a_full_stable_sort(vocab):
+    """The partial sort's nucleus equals the one of a full stable descending sort, on peaked and flat
+    distributions and with many ties (logits rounded to a coarse grid), for random top_p."""
+    rng = np.random.default_rng()
+    for _ in range(30):
+        logits = rng.normal(scale=rng.choice([0.5, 3.0, 12.0]), size=vocab)
+        if rng.random() < 0.5:
+            logits = np.round(logits * 2) / 2  # ties everywhere, also at the partition's edge
+        probs = softmax(logits)
+        top_p = float(rng.choice([rng.random(), 0.9, 0.999999]))
+        order = np.array(sorted(range(vocab), key=lambda i: (-probs[i], i)))  # stable: lower index first
+        cum = np.cumsum(probs[order])
+        want = order[: int(np.searchsorted(cum, top_p)) + 1]
+        assert np.array_equal(nucleus(probs, top_p), want)
 
 
 # --- the loop, with a scripted backend --------------------------------------------------------------

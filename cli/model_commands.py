@@ -36,9 +36,10 @@ def _id_list(text: str) -> list[int]:
 # --- tiny -------------------------------------------------------------------------------------------
 def tiny_arguments(p: argparse.ArgumentParser):
     p.add_argument("out_dir", metavar="OUT_DIR", help="folder to create (must not exist, or be empty)")
-    p.add_argument("--variant", choices=("dense", "sparse", "ternary"), default="dense",
+    p.add_argument("--variant", choices=("dense", "sparse", "ternary", "minicpm5"), default="dense",
                    help="dense; sparse (adds a scaled-down InfLLM v2 sparse_config); "
-                        "ternary (BitCPM4-style fake-quantized linear weights)")
+                        "ternary (BitCPM4-style fake-quantized linear weights); "
+                        "minicpm5 (a plain-Llama MiniCPM5: byte-level BPE, explicit head_dim)")
     p.add_argument("--seed", type=int, default=0, help="random seed of the weights (default 0)")
     p.add_argument("--shards", type=_positive_int, default=1, help="split the weights into N safetensors files")
     p.add_argument("--force", action="store_true", help="replace OUT_DIR if it exists")
@@ -48,7 +49,8 @@ def tiny(args) -> int:
     from export.tiny import write_tiny
 
     path = write_tiny(args.out_dir, args.variant, seed=args.seed, shards=args.shards, overwrite=args.force)
-    print(f"wrote tiny {args.variant} MiniCPM4 model to {path}", file=sys.stderr)
+    family = "MiniCPM5" if args.variant == "minicpm5" else "MiniCPM4"
+    print(f"wrote tiny {args.variant} {family} model to {path}", file=sys.stderr)
     return 0
 
 
@@ -99,8 +101,9 @@ def generate(args) -> int:
     params.validate()
     if backend_name == "onnxruntime":
         from agent.backends import open_bundle
-        if args.ternary != "off" or args.dtype != "fp32":
-            raise AgentInputError("--ternary and --dtype are fixed when the folder is exported (cpm-edge export)")
+        if args.ternary != "off" or args.dtype != "fp32" or args.weights != "float":
+            raise AgentInputError("--ternary, --dtype and --weights are fixed when the folder is exported "
+                                  "(cpm-edge export)")
         if (Path(args.model_dir) / "export.json").exists() and _export_flavor(args.model_dir) == "trt":
             backend = trt_graph_in_onnxruntime(Path(args.model_dir), args.plugins)
         else:
@@ -160,6 +163,9 @@ def load_torch_backend(args, max_batch: int, max_seq: int):
             pack_ternary(model)
         except NotTernaryError as e:
             raise AgentInputError(f"--ternary packed: {e}; this is not a BitCPM4 checkpoint") from None
+    if getattr(args, "weights", "float") == "int4":  # GPTQ / AWQ folders are int4 already (load_model)
+        from export.quantized import quantize_model
+        quantize_model(model, args.group_size)
     return TorchBackend(model, max_batch=max_batch, max_seq=max_seq)
 
 
@@ -167,6 +173,11 @@ def add_model_options(p: argparse.ArgumentParser):
     p.add_argument("--dtype", choices=DTYPE_CHOICES, default="fp32", help="compute dtype (default fp32)")
     p.add_argument("--ternary", choices=("off", "packed"), default="off",
                    help="packed: run a BitCPM4 checkpoint's projections from 2-bit packed weights")
+    p.add_argument("--weights", choices=("float", "int4"), default="float",
+                   help="int4: round-to-nearest 4-bit projections, as `export --weights int4` writes them "
+                        "(GPTQ / AWQ folders run in int4 as published either way)")
+    p.add_argument("--group-size", type=int, choices=(32, 64, 128), default=128,
+                   help="--weights int4: inputs per scale (default 128)")
 
 
 # --- logits -----------------------------------------------------------------------------------------

@@ -1,4 +1,8 @@
-"""Read and write Hugging Face MiniCPM4 folders: config.json, single or sharded safetensors.
+"""Read and write Hugging Face MiniCPM4 / MiniCPM5 folders: config.json, single or sharded safetensors.
+
+MiniCPM4 is `model_type: minicpm` (remote code, muP scalars, LongRoPE); MiniCPM5 is `model_type: llama`
+(Hugging Face's own LlamaForCausalLM: no muP scalars, explicit head_dim, plain RoPE). Both become one
+MiniCPMConfig; the model code has no per-model branches.
 
 Every key of the published configs is either used or listed in IGNORED_KEYS with the reason; a bad
 folder raises CheckpointError with one line that names the file and key, before anything is written.
@@ -22,6 +26,9 @@ log = logging.getLogger(__name__)
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 ARCHITECTURE = "MiniCPMForCausalLM"
+# model_type -> the architecture it names, and the family it is in this kit
+MODEL_TYPES = {"minicpm": ("MiniCPMForCausalLM", "MiniCPM4"), "llama": ("LlamaForCausalLM", "MiniCPM5")}
+MUP_KEYS = ("scale_emb", "scale_depth", "dim_model_base")
 
 # Keys the forward pass does not need, and why.
 IGNORED_KEYS = {
@@ -34,12 +41,16 @@ IGNORED_KEYS = {
     "use_cache": "the kit always uses a KV cache",
     "pad_token_id": "no padding: rows of a batch keep their own positions",
     "mup_denominator": "not used by the MiniCPM4 forward pass",
+    "attention_dropout": "training only",
+    "pretraining_tp": "Llama: splits the same matmuls for tensor-parallel training; same result",
+    "dtype": "transformers 5's name for torch_dtype; weights are cast to the requested dtype",
+    "quantization_config": "4-bit GPTQ / AWQ settings, read by export/quantized.py",
 }
 USED_KEYS = {
     "model_type", "hidden_act", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
     "num_attention_heads", "num_key_value_heads", "max_position_embeddings", "rms_norm_eps", "rope_theta",
     "rope_scaling", "scale_emb", "scale_depth", "dim_model_base", "tie_word_embeddings", "bos_token_id",
-    "eos_token_id", "sparse_config",
+    "eos_token_id", "sparse_config", "head_dim", "attention_bias", "mlp_bias", "rope_parameters",
 }
 REQUIRED_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                  "max_position_embeddings", "rms_norm_eps")
@@ -80,7 +91,7 @@ def read_json(path: Path) -> dict:
 def load_config(model_dir: str | os.PathLike) -> MiniCPMConfig:
     path = Path(model_dir) / "config.json"
     if not Path(model_dir).is_dir():
-        raise CheckpointError(f"{model_dir}: not a directory (expected a Hugging Face MiniCPM4 folder)")
+        raise CheckpointError(f"{model_dir}: not a directory (expected a Hugging Face MiniCPM4 or MiniCPM5 folder)")
     return config_from_dict(read_json(path), source=str(path))
 
 
@@ -88,16 +99,31 @@ def config_from_dict(raw: dict, source: str = "config.json") -> MiniCPMConfig:
     def bad(key, why):
         return CheckpointError(f"{source}: key '{key}' {why}")
 
-    if "model_type" in raw:
-        if raw["model_type"] != "minicpm":
-            raise bad("model_type", f"is {raw['model_type']!r}; this kit runs MiniCPM4 ('minicpm') only")
-    elif ARCHITECTURE not in (raw.get("architectures") or []):
-        raise bad("model_type", f"is missing and 'architectures' does not list {ARCHITECTURE}: not MiniCPM4")
+    model_type = raw.get("model_type")
+    if model_type is None:
+        if ARCHITECTURE not in (raw.get("architectures") or []):
+            raise bad("model_type", f"is missing and 'architectures' does not list {ARCHITECTURE}: not MiniCPM4")
+        model_type = "minicpm"  # the MiniCPM4-0.5B config has no model_type
+    elif model_type not in MODEL_TYPES:
+        known = ", ".join(f"'{t}' ({family})" for t, (_, family) in MODEL_TYPES.items())
+        raise bad("model_type", f"is {model_type!r}; this kit runs {known}")
+    family = MODEL_TYPES[model_type][1]
     for key in REQUIRED_KEYS:
         if key not in raw:
             raise bad(key, "is missing")
     if raw.get("hidden_act", "silu") != "silu":
-        raise bad("hidden_act", f"is {raw['hidden_act']!r}; MiniCPM4 uses 'silu'")
+        raise bad("hidden_act", f"is {raw['hidden_act']!r}; {family} uses 'silu'")
+    for key in ("attention_bias", "mlp_bias"):
+        if raw.get(key, False) is not False:
+            raise bad(key, f"is {raw[key]!r}; the kit's model has no biases ({family} ships false)")
+    if model_type == "llama":  # Hugging Face's Llama has no muP scalars: a config that sets them is not MiniCPM5
+        for key in MUP_KEYS:
+            if key in raw:
+                raise bad(key, "is set, but model_type 'llama' (LlamaForCausalLM) has no muP scalars; "
+                               "use model_type 'minicpm' for a MiniCPM4 checkpoint")
+        if raw.get("sparse_config") is not None:
+            raise bad("sparse_config", "is set, but MiniCPM5 (model_type 'llama') is not trained for InfLLM v2 "
+                                       "sparse attention; remove it")
     unknown = sorted(set(raw) - USED_KEYS - set(IGNORED_KEYS))
     if unknown:
         log.warning("%s: ignoring keys this kit does not know: %s", source, ", ".join(unknown))
@@ -116,15 +142,24 @@ def config_from_dict(raw: dict, source: str = "config.json") -> MiniCPMConfig:
 
     hidden, heads = positive_int("hidden_size"), positive_int("num_attention_heads")
     kv_heads = positive_int("num_key_value_heads", heads)
-    if hidden % heads or (hidden // heads) % 2:
-        raise bad("hidden_size", f"{hidden} is not num_attention_heads ({heads}) times an even head_dim")
+    if model_type == "llama" and raw.get("head_dim") is not None:
+        head_dim = positive_int("head_dim")  # MiniCPM5: 128 while hidden / heads is 96 (1B) or 128 (2B)
+        if head_dim % 2:
+            raise bad("head_dim", f"{head_dim} must be even (RoPE rotates pairs)")
+    else:
+        if hidden % heads or (hidden // heads) % 2:
+            raise bad("hidden_size", f"{hidden} is not num_attention_heads ({heads}) times an even head_dim")
+        head_dim = hidden // heads
+        if raw.get("head_dim") not in (None, head_dim):  # MiniCPM4's remote code derives it
+            raise bad("head_dim", f"is {raw['head_dim']!r} but MiniCPM4 uses hidden_size / num_attention_heads "
+                                  f"= {head_dim}")
     if heads % kv_heads:
         raise bad("num_key_value_heads", f"{kv_heads} does not divide num_attention_heads ({heads})")
     eos = raw.get("eos_token_id", 2)
     eos = [eos] if isinstance(eos, int) else eos
     if not isinstance(eos, list) or not all(isinstance(e, int) and not isinstance(e, bool) for e in eos):
         raise bad("eos_token_id", f"must be an integer or a list of integers, got {eos!r}")
-    tie = raw.get("tie_word_embeddings", True)
+    tie = raw.get("tie_word_embeddings", model_type == "minicpm")  # the two config classes' defaults
     if not isinstance(tie, bool):
         raise bad("tie_word_embeddings", f"must be true or false, got {tie!r}")
     config = MiniCPMConfig(
@@ -140,11 +175,17 @@ def config_from_dict(raw: dict, source: str = "config.json") -> MiniCPMConfig:
         scale_emb=number("scale_emb", 1.0),
         scale_depth=number("scale_depth", 1.0),
         dim_model_base=positive_int("dim_model_base", hidden),
+        residual_scale=1.0 if model_type == "llama" else 0.0,  # 0: scale_depth / sqrt(layers)
         tie_word_embeddings=tie,
         bos_token_id=raw.get("bos_token_id", 1),
         eos_token_ids=eos,
+        head_dim=head_dim,
+        model_type=model_type,
     )
-    config.rope_scaling = parse_rope_scaling(raw.get("rope_scaling"), config.head_dim, bad)
+    if model_type == "llama":
+        config.rope_theta = llama_rope_theta(raw, config.rope_theta, bad)
+    else:
+        config.rope_scaling = parse_rope_scaling(raw.get("rope_scaling"), config.head_dim, bad)
     config.sparse = parse_sparse_config(raw.get("sparse_config"), bad)
     return config
 
@@ -168,6 +209,29 @@ def parse_rope_scaling(rs, head_dim: int, bad) -> LongRoPE | None:
     if isinstance(original, bool) or not isinstance(original, int) or original <= 1:
         raise bad("rope_scaling.original_max_position_embeddings", f"must be an integer > 1, got {original!r}")
     return LongRoPE(factors["short_factor"], factors["long_factor"], original)
+
+
+def llama_rope_theta(raw: dict, theta: float, bad) -> float:
+    """Plain RoPE for model_type llama: MiniCPM5 ships `rope_scaling: null` (transformers 5 may write
+    `rope_parameters: {rope_type: default, rope_theta}`); any other scaling type is refused by name."""
+    rs = raw.get("rope_scaling")
+    if rs is not None:
+        kind = rs.get("rope_type", rs.get("type")) if isinstance(rs, dict) else rs
+        if kind != "default":
+            raise bad("rope_scaling", f"is {kind!r}; MiniCPM5 ships none and the kit supports none for model_type "
+                                      f"'llama' (only null or rope_type 'default')")
+    rp = raw.get("rope_parameters")
+    if rp is None:
+        return theta
+    if not isinstance(rp, dict) or rp.get("rope_type", "default") != "default":
+        kind = rp.get("rope_type") if isinstance(rp, dict) else rp
+        raise bad("rope_parameters.rope_type", f"is {kind!r}; supported for model_type 'llama': 'default'")
+    value = rp.get("rope_theta", theta)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise bad("rope_parameters.rope_theta", f"must be a positive number, got {value!r}")
+    if "rope_theta" in raw and float(raw["rope_theta"]) != float(value):
+        raise bad("rope_parameters.rope_theta", f"is {value} but rope_theta is {raw['rope_theta']}: which one?")
+    return float(value)
 
 
 def parse_sparse_config(sc, bad) -> InfLLMv2Config | None:
@@ -228,6 +292,10 @@ def load_model(model_dir: str | os.PathLike, dtype: torch.dtype = torch.float32,
         expected.pop("lm_head.weight")
     files = weight_files(model_dir)
     hf_names = {("model." + k if not k.startswith("lm_head") else k): k for k in expected}
+    from export.quantized import load_quantized_linears, quantized_weight_names, read_quant_config
+    quant = read_quant_config(model_dir)  # GPTQ / AWQ: those projections become Int4Linear below
+    if quant is not None:
+        hf_names = {hf: k for hf, k in hf_names.items() if hf not in quantized_weight_names(files)}
     missing = sorted(hf for hf in hf_names if hf not in files)
     if missing:
         raise CheckpointError(f"{model_dir}: tensor '{missing[0]}' is missing ({len(missing)} missing in all)")
@@ -255,6 +323,8 @@ def load_model(model_dir: str | os.PathLike, dtype: torch.dtype = torch.float32,
     model.load_state_dict(state, strict=False, assign=True)
     if config.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
+    if quant is not None:
+        load_quantized_linears(model, files, quant, dtype)
     return model.eval()
 
 

@@ -1,4 +1,4 @@
-"""Write a Hugging Face MiniCPM4 folder as a GGUF file for llama.cpp's `minicpm` architecture.
+"""Write a Hugging Face MiniCPM4 folder as a GGUF for llama.cpp's `minicpm` architecture, MiniCPM5 for `llama`.
 
 Only the `gguf` package (pip install gguf) and the kit's own checkpoint reader are used. What llama.cpp's
 minicpm graph computes, and what this file writes for it (facts read from llama.cpp's src/models/minicpm.cpp,
@@ -24,6 +24,14 @@ byte tokens typed BYTE, specials CONTROL, ids the model has but the tokenizer la
 enough for llama.cpp to load the model and detokenize; scores are -id (merge order), not the real
 SentencePiece scores, so llama.cpp's own tokenization of text may differ from ours: feed token ids.
 
+MiniCPM5 (model_type llama) is written as llama.cpp's `llama` architecture, as llama.cpp's own
+convert_hf_to_gguf.py does (LlamaModel): no muP keys (its scalars are all 1), attention.key_length /
+value_length = head_dim (128, while hidden / heads is 96 in the 1B), the same q/k row permutation, and a
+byte-level BPE vocabulary: tokenizer.ggml.model "gpt2", tokens as tokenizer.json spells them (bytes-to-unicode),
+merges "a b", added special tokens CONTROL and other added tokens USER_DEFINED, and tokenizer.ggml.pre
+"minicpm5" (llama.cpp b9354 and later), the pre-tokenizer whose regexes llama.cpp quotes from MiniCPM5's
+tokenizer.json; a tokenizer.json with another pre-tokenizer is refused.
+
     python -m export.gguf_export MODEL_DIR OUT.gguf [--dtype f32|f16]
 """
 from __future__ import annotations
@@ -40,6 +48,12 @@ from export.checkpoint import CheckpointError, load_config, read_json, weight_fi
 from export.model import MiniCPMConfig, longrope_scale
 
 ARCH = "minicpm"
+ARCH_BY_MODEL_TYPE = {"minicpm": "minicpm", "llama": "llama"}
+# tokenizer.ggml.pre by the Split regexes before ByteLevel in tokenizer.json's pre_tokenizer (llama-vocab.cpp)
+BYTE_LEVEL_PRE = {
+    (r"\p{N}{1,3}", r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}+| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                    r"|\s*[\r\n]+|\s+(?!\S)|\s+"): "minicpm5",
+}
 DTYPES = ("f32", "f16")
 # HF tensor name (after "model.layers.{i}.") -> llama.cpp tensor name (after "blk.{i}.")
 LAYER_TENSORS = {
@@ -59,7 +73,7 @@ GLOBAL_TENSORS = {
     "lm_head.weight": "output.weight",
 }
 # llama.cpp token types (gguf.TokenType)
-NORMAL, UNKNOWN, CONTROL, UNUSED, BYTE = 1, 2, 3, 5, 6
+NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 
 
 def rope_pairs_from_halves(w: np.ndarray, n_heads: int) -> np.ndarray:
@@ -123,6 +137,79 @@ def vocabulary(model_dir: Path, vocab_size: int) -> tuple[list[str], list[float]
     return tokens, scores, types, facts
 
 
+def byte_level_pre_name(data: dict, tok_path: Path) -> str:
+    """llama.cpp's name for tokenizer.json's pre-tokenizer: Split regexes then ByteLevel without its own regex."""
+    pre = data.get("pre_tokenizer") or {}
+    steps = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
+    splits = tuple(st.get("pattern", {}).get("Regex") for st in steps if st.get("type") == "Split")
+    tail = steps[-1] if steps else {}
+    if tail.get("type") == "ByteLevel" and not tail.get("use_regex", True) and splits in BYTE_LEVEL_PRE:
+        return BYTE_LEVEL_PRE[splits]
+    raise CheckpointError(f"{tok_path}: key 'pre_tokenizer' is not MiniCPM5's (Split \\p{{N}}{{1,3}}, the word regex, "
+                          f"ByteLevel): llama.cpp would split text differently")
+
+
+def byte_level_vocabulary(model_dir: Path, vocab_size: int) -> tuple[list[str], list[int], list[str], dict]:
+    """tokens, types, merges and tokenizer facts of a byte-level BPE tokenizer.json (llama.cpp's "gpt2")."""
+    tok_path = model_dir / "tokenizer.json"
+    data = read_json(tok_path)
+    model = data.get("model") or {}
+    if model.get("type") != "BPE" or not isinstance(model.get("vocab"), dict):
+        raise CheckpointError(f"{tok_path}: key 'model' is not a BPE model with a vocab")
+    by_id: dict[int, str] = {i: t for t, i in model["vocab"].items()}
+    added = {t["id"]: bool(t.get("special")) for t in data.get("added_tokens") or []}
+    by_id.update({t["id"]: t["content"] for t in data.get("added_tokens") or []})
+    too_big = [i for i in by_id if i >= vocab_size]
+    if too_big:
+        raise CheckpointError(f"{tok_path}: token id {max(too_big)} is outside the model's vocab_size {vocab_size}")
+    tokens, types = [], []
+    for i in range(vocab_size):
+        if i not in by_id:
+            tokens.append(f"[PAD{i}]")
+            types.append(UNUSED)
+        else:
+            tokens.append(by_id[i])
+            types.append(NORMAL if i not in added else CONTROL if added[i] else USER_DEFINED)
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges") or []]
+    return tokens, types, merges, {"pre": byte_level_pre_name(data, tok_path)}
+
+
+def add_sentencepiece_vocab(w, model_dir: Path, c: MiniCPMConfig, tok_config: dict):
+    """MiniCPM4's vocabulary as llama.cpp's "llama" (SentencePiece) tokenizer."""
+    tokens, scores, types, facts = vocabulary(model_dir, c.vocab_size)
+    w.add_tokenizer_model("llama")
+    w.add_token_list(tokens)
+    w.add_token_scores(scores)
+    w.add_token_types(types)
+    w.add_bos_token_id(c.bos_token_id)
+    w.add_eos_token_id(c.eos_token_ids[-1])  # the chat end (<|im_end|>) when listed; llama.cpp also stops on eog
+    if facts["unk"] is not None:
+        w.add_unk_token_id(facts["unk"])
+    w.add_add_bos_token(bool(tok_config.get("add_bos_token", True)))
+    w.add_add_eos_token(bool(tok_config.get("add_eos_token", False)))
+    w.add_add_space_prefix(facts["add_space_prefix"])
+
+
+def add_byte_level_vocab(w, model_dir: Path, c: MiniCPMConfig, tok_config: dict):
+    """MiniCPM5's vocabulary as llama.cpp's "gpt2" (byte-level BPE) tokenizer, as its converter writes it."""
+    tokens, types, merges, facts = byte_level_vocabulary(model_dir, c.vocab_size)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre(facts["pre"])
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_token_merges(merges)
+    w.add_bos_token_id(c.bos_token_id)
+    w.add_eos_token_id(c.eos_token_ids[0])  # </s>, as the published MiniCPM5 GGUFs; <|im_end|> is eog by name
+    if len(c.eos_token_ids) > 1:
+        w.add_eot_token_id(c.eos_token_ids[-1])
+    pad = read_json(model_dir / "config.json").get("pad_token_id")
+    if isinstance(pad, int) and not isinstance(pad, bool):
+        w.add_pad_token_id(pad)
+    if "add_bos_token" in tok_config:  # else llama.cpp's default for the pre-tokenizer (no bos)
+        w.add_add_bos_token(bool(tok_config["add_bos_token"]))
+    w.add_add_eos_token(bool(tok_config.get("add_eos_token", False)))
+
+
 def write_gguf(model_dir: str | Path, out: str | Path, dtype: str = "f32") -> Path:
     """Write model_dir as a GGUF at `out` (f32, or f16 matrices with f32 norms and factors)."""
     import gguf
@@ -137,9 +224,8 @@ def write_gguf(model_dir: str | Path, out: str | Path, dtype: str = "f32") -> Pa
     files = weight_files(model_dir)
     tok_config_path = model_dir / "tokenizer_config.json"
     tok_config = read_json(tok_config_path) if tok_config_path.exists() else {}
-    tokens, scores, types, facts = vocabulary(model_dir, c.vocab_size)
-
-    w = gguf.GGUFWriter(str(out), ARCH)
+    arch = ARCH_BY_MODEL_TYPE[c.model_type]
+    w = gguf.GGUFWriter(str(out), arch)
     w.add_name(Path(model_dir).resolve().name)
     w.add_context_length(c.max_position_embeddings)
     w.add_embedding_length(c.hidden_size)
@@ -151,9 +237,13 @@ def write_gguf(model_dir: str | Path, out: str | Path, dtype: str = "f32") -> Pa
     w.add_layer_norm_rms_eps(c.rms_norm_eps)
     w.add_rope_freq_base(c.rope_theta)
     w.add_vocab_size(c.vocab_size)
-    w.add_embedding_scale(c.scale_emb)
-    w.add_residual_scale(c.residual_scale)
-    w.add_logit_scale(c.logit_divisor)
+    if arch == "minicpm":
+        w.add_embedding_scale(c.scale_emb)
+        w.add_residual_scale(c.residual_scale)
+        w.add_logit_scale(c.logit_divisor)
+    else:  # llama.cpp's llama reads head_dim here; its default n_embd / n_head is not MiniCPM5's
+        w.add_key_length(c.head_dim)
+        w.add_value_length(c.head_dim)
     w.add_file_type(gguf.LlamaFileType.ALL_F32 if dtype == "f32" else gguf.LlamaFileType.MOSTLY_F16)
     rope = rope_settings(c)
     if rope:
@@ -161,19 +251,15 @@ def write_gguf(model_dir: str | Path, out: str | Path, dtype: str = "f32") -> Pa
         w.add_rope_scaling_orig_ctx_len(rope["original_max"])
         w.add_rope_scaling_attn_factors(rope["attn_factor"])
 
-    w.add_tokenizer_model("llama")
-    w.add_token_list(tokens)
-    w.add_token_scores(scores)
-    w.add_token_types(types)
-    w.add_bos_token_id(c.bos_token_id)
-    w.add_eos_token_id(c.eos_token_ids[-1])  # the chat end (<|im_end|>) when listed; llama.cpp also stops on eog
-    if facts["unk"] is not None:
-        w.add_unk_token_id(facts["unk"])
-    w.add_add_bos_token(bool(tok_config.get("add_bos_token", True)))
-    w.add_add_eos_token(bool(tok_config.get("add_eos_token", False)))
-    w.add_add_space_prefix(facts["add_space_prefix"])
-    if isinstance(tok_config.get("chat_template"), str):
-        w.add_chat_template(tok_config["chat_template"])
+    if arch == "minicpm":
+        add_sentencepiece_vocab(w, model_dir, c, tok_config)
+    else:
+        add_byte_level_vocab(w, model_dir, c, tok_config)
+    template_file = model_dir / "chat_template.jinja"  # transformers reads this file first, as llama.cpp's converter
+    template = (template_file.read_text(encoding="utf-8") if template_file.exists()
+                else tok_config.get("chat_template"))
+    if isinstance(template, str):
+        w.add_chat_template(template)
 
     def add(name: str, t: torch.Tensor, permute_heads: int = 0):
         a = t.to(torch.float32).numpy()

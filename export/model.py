@@ -1,9 +1,10 @@
-"""MiniCPM4 in plain PyTorch: the definition every other part of the kit is checked against.
+"""MiniCPM4 and MiniCPM5 in plain PyTorch: the definition every other part of the kit is checked against.
 
-Reads top to bottom: config, model, blocks, leaves, RoPE. Differs from Llama in three muP scalars
-(embedding scale, residual scale, logit scale) and LongRoPE. Attention goes through one swappable
-callable (`Attention.attend`) so InfLLM v2 sparse attention plugs in as a transform of a built model.
-Facts: ../shared/reference/MINICPM4.md (also summarised in docs/model.md).
+Reads top to bottom: config, model, blocks, leaves, RoPE. MiniCPM4 differs from Llama in three muP scalars
+(embedding scale, residual scale, logit scale) and LongRoPE; MiniCPM5 is a plain Llama (all three scalars 1,
+head_dim its own config value). Both are the same module: the differences are config values only.
+Attention goes through one swappable callable (`Attention.attend`) so InfLLM v2 sparse attention plugs in
+as a transform of a built model. Facts: docs/model.md.
 """
 from __future__ import annotations
 
@@ -41,20 +42,21 @@ class MiniCPMConfig:
     scale_emb: float = 1.0
     scale_depth: float = 1.0
     dim_model_base: int = 0                    # 0: hidden_size (logit scale 1)
+    residual_scale: float = 0.0                # 0: scale_depth / sqrt(num_hidden_layers) (muP); Llama: 1
     tie_word_embeddings: bool = True
     bos_token_id: int = 1
     eos_token_ids: list[int] = field(default_factory=lambda: [2])
     sparse: Optional[InfLLMv2Config] = None  # sparse_config: InfLLM v2 (use_sparse_attention)
-    head_dim: int = 0                          # derived
+    head_dim: int = 0                          # 0: hidden_size / num_attention_heads (MiniCPM4)
+    model_type: str = "minicpm"                # config.json's: "minicpm" (MiniCPM4) or "llama" (MiniCPM5)
 
     def __post_init__(self):
         if self.dim_model_base == 0:
             self.dim_model_base = self.hidden_size
-        self.head_dim = self.hidden_size // self.num_attention_heads
-
-    @property
-    def residual_scale(self) -> float:
-        return self.scale_depth / math.sqrt(self.num_hidden_layers)
+        if self.head_dim == 0:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.residual_scale == 0:
+            self.residual_scale = self.scale_depth / math.sqrt(self.num_hidden_layers)
 
     @property
     def logit_divisor(self) -> float:

@@ -263,6 +263,10 @@ def memory_plan(profile: DeviceProfile, config, context: int | None = None, batc
     batch = batch or profile.max_batch
     sparse = profile.sparse and config.sparse is not None
     kc = work = 0
+    if sparse and config.sparse.revision != 1:
+        raise ProfileError(f"{profile.path}: sparse: true, but the model's sparse_config.revision "
+                           f"{config.sparse.revision} (MiniCPM4.1) has no TensorRT kernels yet; use a profile with "
+                           f"sparse: false")
     if sparse:
         from trt_plugins.plans import SPARSE_CHUNK, AttentionShape, attention_plan
 

@@ -12,10 +12,11 @@ from pathlib import Path
 
 import torch
 
+from export import tiny_minicpm5
 from export.checkpoint import AtomicDir, config_from_dict, hf_state_dict, save_weights
 from export.model import MiniCPM
 
-VARIANTS = ("dense", "sparse", "ternary")
+VARIANTS = ("dense", "sparse", "ternary", "minicpm5")  # minicpm5: a plain-Llama MiniCPM5 (export/tiny_minicpm5.py)
 VOCAB_SIZE = 512
 SPECIAL = ["<unk>", "<s>", "</s>"]
 CHAT_SPECIAL = ["<|im_start|>", "<|im_end|>"]  # the last two ids, as in the real vocab (73440 = <|im_end|>)
@@ -35,6 +36,8 @@ TERNARY_LAYERS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj"
 
 def tiny_config(variant: str = "dense", seed: int = 0, **overrides) -> dict:
     """A config.json dict with the key set of the published MiniCPM4 configs, at toy size."""
+    if variant == "minicpm5":
+        return tiny_minicpm5.tiny_config(seed, **overrides)
     g = torch.Generator().manual_seed(seed + 1)
     head_dim = 64
     half = head_dim // 2
@@ -147,6 +150,13 @@ def write_tiny(out_dir: str | Path, variant: str = "dense", seed: int = 0, shard
         for name, w in weights.items():
             if name.split(".")[-2] in TERNARY_LAYERS:
                 weights[name] = fake_quantize_ternary(w.float(), ternary_group).to(torch.bfloat16)
+    if variant == "minicpm5":
+        with AtomicDir(out_dir, overwrite=overwrite) as tmp:
+            (tmp / "config.json").write_text(json.dumps(config, indent=2))
+            for name, text in tiny_minicpm5.text_files(config).items():
+                (tmp / name).write_text(text, encoding="utf-8")
+            save_weights(weights, tmp, shards=shards)
+        return Path(out_dir)
     with AtomicDir(out_dir, overwrite=overwrite) as tmp:
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         (tmp / "generation_config.json").write_text(json.dumps(
@@ -161,8 +171,8 @@ def write_tiny(out_dir: str | Path, variant: str = "dense", seed: int = 0, shard
     return Path(out_dir)
 
 
-# The ChatML template as a Jinja string, for tools that read tokenizer_config.json; the kit renders
-# ChatML itself (agent/tokenizer.py) and does not evaluate templates.
-CHAT_TEMPLATE = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] "
-                 "+ '<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}"
-                 "{{ '<|im_start|>assistant\\n' }}{% endif %}")
+# The chat_template of the released MiniCPM4 checkpoints' tokenizer_config.json, character for character
+# (ChatML; the agent renders it with jinja2: agent/chat_template.py).
+CHAT_TEMPLATE = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] "
+                 "+ '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}"
+                 "{{ '<|im_start|>assistant\n' }}{% endif %}")

@@ -20,6 +20,8 @@ def use_sparse_attention(model: MiniCPM, impl: str = "reference") -> MiniCPM:
     if impl == "reference":
         from trt_plugins.attention.reference import infllm_v2_attention_ref as fn
     elif impl == "triton":
+        if cfg.revision != 1:
+            raise ValueError(f"sparse_config.revision {cfg.revision}: the Triton kernels implement revision 1 only")
         from trt_plugins.attention.kernels import infllm_v2_attention as fn
     else:
         raise ValueError(f"impl must be 'reference' or 'triton', got {impl!r}")

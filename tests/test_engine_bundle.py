@@ -39,7 +39,7 @@ def test_every_profile_loads_and_fits_its_default_model_shape():
 
     data = Path(__file__).parent / "data" / "configs"
     configs = {m: config_from_dict(json.loads((data / f"{m}.config.json").read_text()))
-               for m in ("MiniCPM4-0.5B", "MiniCPM4-8B")}
+               for m in ("MiniCPM4-0.5B", "MiniCPM4-8B", "MiniCPM5-1B")}
     assert {"orin", "orin-nx-16g", "orin-nano-8g", "thor", "rtx4090", "rtx"} <= set(profile_paths())
     for name in profile_paths():
         profile = load_profile(name)

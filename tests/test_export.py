@@ -57,7 +57,7 @@ def prompts_for(variant: str) -> list[list[int]]:
 
 
 @pytest.mark.parametrize("flavor", ["portable", "trt"])
-@pytest.mark.parametrize("variant", ["dense", "sparse", "ternary"])
+@pytest.mark.parametrize("variant", ["dense", "sparse", "ternary", "minicpm5"])
 def test_greedy_64_tokens_identical_to_torch(variant, flavor, exports, tiny_models, tmp_path):
     prompts = prompts_for(variant)
     params = [SamplingParams(max_tokens=64) for _ in prompts]
@@ -147,7 +147,7 @@ def test_cli_export_and_generate(tiny_dense, tmp_path, capsys):
 def test_bad_input(case, tiny_dense, exports, tmp_path, capsys):
     if case == "not_minicpm":
         (tmp_path / "m").mkdir()
-        (tmp_path / "m" / "config.json").write_text(json.dumps({"model_type": "llama"}))
+        (tmp_path / "m" / "config.json").write_text(json.dumps({"model_type": "qwen2"}))
         argv, needle = ["export", tmp_path / "m", "--out", tmp_path / "e"], "model_type"
     elif case == "unwritable":
         (tmp_path / "file").write_text("x")

@@ -19,7 +19,7 @@ from export.transforms import use_sparse_attention
 MAX_SEQ = 256
 # Decode steps: sparse across more than three kernel strides of the tiny sparse_config (stride 8); the
 # others a few (the interpreter is slow: ~25 s per variant on 2 cores).
-DECODE = {"sparse": 26, "dense": 8, "ternary": 5}
+DECODE = {"sparse": 26, "dense": 8, "ternary": 5, "minicpm5": 5}  # minicpm5: head_dim 128 plans
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +28,7 @@ def trt_exports(tiny_models, tmp_path_factory):
     return {v: export(ExportOptions(p, root / v, "trt", "fp32", MAX_SEQ)) for v, p in tiny_models.items()}
 
 
-@pytest.mark.parametrize("variant", ["dense", "sparse", "ternary"])
+@pytest.mark.parametrize("variant", ["dense", "sparse", "ternary", "minicpm5"])
 def test_plugin_plans_in_the_interpreter_give_torch_tokens(variant, trt_exports, tiny_models, seed):
     """Two rows batched: the sparse one's prompts cross dense_len (128) and decode goes across several kernel
     strides, so incremental compression, stage 1, selection and block-sparse attention all run."""

@@ -28,7 +28,7 @@ print(json.dumps(meta))
 """
 
 
-@pytest.mark.parametrize("variant", ["dense", "sparse", "ternary"])
+@pytest.mark.parametrize("variant", ["dense", "sparse", "ternary", "minicpm5"])
 def test_tensorrt_rtx_builds_engine_with_our_plugins(variant, tiny_models, tmp_path):
     out = export(ExportOptions(tiny_models[variant], tmp_path / "e", "trt", "fp16", 256))
     # A subprocess: a TensorRT build that fails inside a Python plugin can take its process down.
@@ -80,7 +80,7 @@ def test_plugin_enqueue_runs_the_plan_the_tests_execute(sparse, compiled_sm87, m
 
     recorder = RecordingExecutor(compiled_sm87)
     monkeypatch.setattr(tp, "gpu_kernels", lambda: recorder)
-    attention_cls, ternary_cls = (c.PLUGIN for c in tp.build_plugin_classes(trt))
+    attention_cls, ternary_cls, *_ = (c.PLUGIN for c in tp.build_plugin_classes(trt))
     cfg = InfLLMv2Config() if sparse else None
     plugin = attention_cls(names.attention_attrs(16, 2, 64, cfg))
     desc = lambda dims, dtype: SimpleNamespace(dims=dims, type=dtype)  # noqa: E731

@@ -2,7 +2,8 @@
 
 Every other implementation (Triton kernels, the TensorRT plugin, the ONNX portable graph) is tested
 against these functions. Semantics of InfLLM v2 (MiniCPM4, June 2025) are written out in README.md beside
-this file. Shapes: q (B, H, T, D); k, v (B, Hkv, S, D) the whole cache; q_pos (B, T) the position of each
+this file; its second revision (MiniCPM4.1, cfg.revision == 2) is the section at the end of this file and
+in docs/model.md. Shapes: q (B, H, T, D); k, v (B, Hkv, S, D) the whole cache; q_pos (B, T) the position of each
 query. Key j of a row is visible to a query at position p iff j <= p.
 """
 from __future__ import annotations
@@ -36,45 +37,68 @@ def attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torc
 
 
 # --- InfLLM v2 ----------------------------------------------------------------------------------------
+def visible_chunks(q_pos: torch.Tensor, size: int, stride: int) -> torch.Tensor:
+    """How many chunk means (chunk j = keys [j*stride, j*stride + size)) a query at each position may see:
+    chunk j is visible once it has ended, j*stride + size - 1 <= t."""
+    return torch.div(q_pos - size + 1, stride, rounding_mode="floor").add(1).clamp_min(0)
+
+
 def visible_kernels(q_pos: torch.Tensor, cfg: InfLLMv2Config) -> torch.Tensor:
-    """How many compressed keys a query at each position may see: kernel j covers keys
-    [j*stride, j*stride + kernel_size) and is visible once that chunk has ended (j*stride + size - 1 <= t)."""
-    return torch.div(q_pos - cfg.kernel_size + 1, cfg.kernel_stride, rounding_mode="floor").add(1).clamp_min(0)
+    """How many compressed keys (kernels of kernel_size keys every kernel_stride) a query may see."""
+    return visible_chunks(q_pos, cfg.kernel_size, cfg.kernel_stride)
+
+
+def chunk_means(k: torch.Tensor, size: int, stride: int) -> torch.Tensor:
+    """The mean of each chunk of `size` keys, every `stride` keys.
+    k (B, Hkv, S, D) -> (B, Hkv, NK, D) fp32, NK = (S - size) // stride + 1."""
+    if k.shape[2] < size:
+        return k.new_zeros(k.shape[0], k.shape[1], 0, k.shape[3], dtype=torch.float32)
+    chunks = k.float().unfold(2, size, stride)  # (B, Hkv, NK, D, size)
+    return chunks.mean(dim=-1)
 
 
 def compress_keys(k: torch.Tensor, cfg: InfLLMv2Config) -> torch.Tensor:
-    """Semantic kernels without parameters: the mean of each chunk of kernel_size keys, every
-    kernel_stride keys. k (B, Hkv, S, D) -> (B, Hkv, NK, D) fp32, NK = (S - size) // stride + 1."""
-    if k.shape[2] < cfg.kernel_size:
-        return k.new_zeros(k.shape[0], k.shape[1], 0, k.shape[3], dtype=torch.float32)
-    chunks = k.float().unfold(2, cfg.kernel_size, cfg.kernel_stride)  # (B, Hkv, NK, D, size)
-    return chunks.mean(dim=-1)
+    """Semantic kernels without parameters: chunk means of kernel_size keys every kernel_stride keys."""
+    return chunk_means(k, cfg.kernel_size, cfg.kernel_stride)
+
+
+def append_chunk_means(kc: torch.Tensor, k: torch.Tensor, old_len: int, new_len: int, size: int,
+                       stride: int) -> torch.Tensor:
+    """Decode's incremental form of chunk_means: the chunks completed by keys old_len..new_len-1.
+
+    kc (B, Hkv, NKmax, D) is updated in place and returned. The keys not yet in a chunk (the 'tail' of
+    at most `size` keys) live in the KV cache itself, so no separate tail buffer is needed.
+    """
+    first = visible_chunks(torch.tensor(old_len - 1), size, stride).item() if old_len > 0 else 0
+    last = min(visible_chunks(torch.tensor(new_len - 1), size, stride).item(), kc.shape[2])
+    for j in range(first, last):
+        start = j * stride
+        kc[:, :, j] = k[:, :, start:start + size].float().mean(dim=2)
+    return kc
 
 
 def append_compressed_keys(kc: torch.Tensor, k: torch.Tensor, old_len: int, new_len: int,
                            cfg: InfLLMv2Config) -> torch.Tensor:
-    """Decode's incremental form of compress_keys: the kernels completed by keys old_len..new_len-1.
+    """append_chunk_means for the kernels of compress_keys."""
+    return append_chunk_means(kc, k, old_len, new_len, cfg.kernel_size, cfg.kernel_stride)
 
-    kc (B, Hkv, NKmax, D) is updated in place and returned. The keys not yet in a kernel (the 'tail' of
-    at most kernel_size keys) live in the KV cache itself, so no separate tail buffer is needed.
-    """
-    first = visible_kernels(torch.tensor(old_len - 1), cfg).item() if old_len > 0 else 0
-    last = min(visible_kernels(torch.tensor(new_len - 1), cfg).item(), kc.shape[2])
-    for j in range(first, last):
-        start = j * cfg.kernel_stride
-        kc[:, :, j] = k[:, :, start:start + cfg.kernel_size].float().mean(dim=2)
-    return kc
+
+def update_chunk_means(kc: torch.Tensor, k: torch.Tensor, q_pos: torch.Tensor, size: int,
+                       stride: int) -> torch.Tensor:
+    """The chunk-mean state after a call at positions q_pos (B, T), consecutive per row: a copy of kc
+    (B, Hkv, NK, D) with the chunks those positions complete computed from the cache k (B, Hkv, S, D)
+    that already holds this call's keys. Chunks outside that range keep their values from earlier calls."""
+    out = kc.clone()
+    for b in range(q_pos.shape[0]):
+        first, last = int(q_pos[b, 0]), int(q_pos[b, -1]) + 1
+        out[b:b + 1] = append_chunk_means(out[b:b + 1], k[b:b + 1], first, last, size, stride)
+    return out
 
 
 def update_compressed_keys(kc: torch.Tensor, k: torch.Tensor, q_pos: torch.Tensor,
                            cfg: InfLLMv2Config) -> torch.Tensor:
-    """The compressed-key state after a call at positions q_pos (B, T), consecutive per row: a copy of kc
-    (B, Hkv, NK, D) with the kernels those positions complete computed from the cache k (B, Hkv, S, D)
-    that already holds this call's keys. Kernels outside that range keep their values from earlier calls."""
-    out = kc.clone()
-    for b in range(q_pos.shape[0]):
-        out[b:b + 1] = append_compressed_keys(out[b:b + 1], k[b:b + 1], int(q_pos[b, 0]), int(q_pos[b, -1]) + 1, cfg)
-    return out
+    """update_chunk_means for the kernels of compress_keys."""
+    return update_chunk_means(kc, k, q_pos, cfg.kernel_size, cfg.kernel_stride)
 
 
 def stage1_scores(q: torch.Tensor, kc: torch.Tensor, q_pos: torch.Tensor, cfg: InfLLMv2Config) -> torch.Tensor:
@@ -136,9 +160,80 @@ def dense_rows(q_pos: torch.Tensor, cfg: InfLLMv2Config) -> torch.Tensor:
 
 def infllm_v2_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor,
                             cfg: InfLLMv2Config) -> torch.Tensor:
-    """InfLLM v2: dense below dense_len, else block-sparse attention over the selected blocks."""
+    """InfLLM v2: dense below dense_len, else block-sparse attention over the selected blocks (the
+    selection of cfg.revision)."""
     dense = dense_rows(q_pos, cfg)
     if bool(dense.all()):
         return attention_ref(q, k, v, q_pos)
-    mask = sparse_block_mask(q, k, q_pos, cfg) | dense[:, None, None, None]
+    mask = selected_blocks(q, k, q_pos, cfg) | dense[:, None, None, None]
     return attention_ref(q, k, v, q_pos, mask, cfg.block_size)
+
+
+def selected_blocks(q: torch.Tensor, k: torch.Tensor, q_pos: torch.Tensor, cfg: InfLLMv2Config) -> torch.Tensor:
+    """The block mask (B, Hkv, T, NB) of cfg.revision: sparse_block_mask (1) or sparse_block_mask_rev2 (2)."""
+    return (sparse_block_mask if cfg.revision == 1 else sparse_block_mask_rev2)(q, k, q_pos, cfg)
+
+
+# --- InfLLM v2, revision 2 (MiniCPM4.1, September 2025) ------------------------------------------------
+# Same kernels, block pooling, dense_len and stage 2 as revision 1. What changes:
+#  - stage 1 normalises with the log-sum-exp over coarse chunk means (lse_kernel_size keys every
+#    lse_kernel_stride, visible once ended) instead of over the kernels themselves, so scores may exceed
+#    1, and are all 0 while no coarse chunk is visible yet (the upstream reference's NaN -> 0);
+#  - the init blocks and the window (the query's own block and window_blocks before it) enter one
+#    top-k of topk + window_blocks blocks with +inf; the top-k runs over every block of the cache and
+#    only then are blocks after the query's own block dropped.
+def compress_coarse_keys(k: torch.Tensor, cfg: InfLLMv2Config) -> torch.Tensor:
+    """Revision 2's second compressed key set: (B, Hkv, S, D) -> (B, Hkv, NK2, D) fp32."""
+    return chunk_means(k, cfg.lse_kernel_size, cfg.lse_kernel_stride)
+
+
+def update_coarse_keys(kc2: torch.Tensor, k: torch.Tensor, q_pos: torch.Tensor,
+                       cfg: InfLLMv2Config) -> torch.Tensor:
+    """update_chunk_means for the coarse keys: decode's second piece of incremental state."""
+    return update_chunk_means(kc2, k, q_pos, cfg.lse_kernel_size, cfg.lse_kernel_stride)
+
+
+def stage1_scores_lse(q: torch.Tensor, kc: torch.Tensor, kc2: torch.Tensor, q_pos: torch.Tensor,
+                      cfg: InfLLMv2Config) -> torch.Tensor:
+    """S[j] = sum over the heads of a GQA group of exp(q . Kc[j] / sqrt(D) - LSE), LSE the log-sum-exp
+    of q . Kc2[i] / sqrt(D) over the visible coarse keys. q (B, H, T, D), kc (B, Hkv, NK, D),
+    kc2 (B, Hkv, NK2, D) -> (B, Hkv, T, NK) fp32; invisible kernels score 0, and every kernel while no
+    coarse key is visible (the upstream online softmax's NaN, set to 0)."""
+    B, H, T, D = q.shape
+    Hkv, NK, NK2 = kc.shape[1], kc.shape[2], kc2.shape[2]
+    qg = q.float().view(B, Hkv, H // Hkv, T, D)
+    logits = torch.einsum("bhgtd,bhjd->bhgtj", qg, kc.float()) / math.sqrt(D)  # (B, Hkv, G, T, NK)
+    coarse = torch.einsum("bhgtd,bhjd->bhgtj", qg, kc2.float()) / math.sqrt(D)  # (B, Hkv, G, T, NK2)
+    seen2 = torch.arange(NK2, device=q.device) < visible_chunks(q_pos, cfg.lse_kernel_size,
+                                                                cfg.lse_kernel_stride)[:, :, None]  # (B, T, NK2)
+    lse = coarse.masked_fill(~seen2[:, None, None], float("-inf")).logsumexp(dim=-1, keepdim=True)
+    seen = torch.arange(NK, device=q.device) < visible_kernels(q_pos, cfg)[:, :, None]  # (B, T, NK)
+    probs = torch.exp(logits - lse).masked_fill(~seen[:, None, None] | torch.isinf(lse), 0.0)  # (B, Hkv, G, T, NK)
+    return probs.sum(dim=2)
+
+
+def select_blocks_rev2(scores: torch.Tensor, q_pos: torch.Tensor, cfg: InfLLMv2Config) -> torch.Tensor:
+    """Block mask (B, Hkv, T, NB): top-k of topk + window_blocks blocks over all NB blocks, where the init
+    blocks and the window (own block and window_blocks before it) score +inf, then blocks after the
+    query's own block dropped (they may have taken places). Ties go to the lower block index."""
+    NB = scores.shape[-1]
+    b = torch.arange(NB, device=scores.device)
+    own = torch.div(q_pos, cfg.block_size, rounding_mode="floor")[:, None, :, None]  # (B, 1, T, 1)
+    forced = (b < cfg.init_blocks) | ((b <= own) & (b >= own - cfg.window_blocks))
+    ranked = scores.masked_fill(forced, float("inf"))
+    n_pick = min(cfg.max_selected, NB)
+    if torch.onnx.is_in_onnx_export():
+        best = torch.topk(ranked, k=n_pick, dim=-1).indices  # ONNX TopK: equal values, lower index first
+    else:
+        best = torch.sort(ranked, dim=-1, descending=True, stable=True).indices[..., :n_pick]
+    chosen = torch.zeros(ranked.shape, dtype=torch.bool, device=scores.device)
+    chosen.scatter_(-1, best, True)
+    return chosen & (b <= own)
+
+
+def sparse_block_mask_rev2(q: torch.Tensor, k: torch.Tensor, q_pos: torch.Tensor,
+                           cfg: InfLLMv2Config) -> torch.Tensor:
+    """Revision 2's selection from the whole key cache: (B, Hkv, T, NB) bool."""
+    n_blocks = -(-k.shape[2] // cfg.block_size)
+    s = stage1_scores_lse(q, compress_keys(k, cfg), compress_coarse_keys(k, cfg), q_pos, cfg)
+    return select_blocks_rev2(block_scores(s, n_blocks, cfg), q_pos, cfg)

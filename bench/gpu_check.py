@@ -31,12 +31,13 @@ import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # gpu_check_cases, _timings beside this file
+sys.path.append(str(Path(__file__).resolve().parent))  # gpu_check_cases, _timings beside this file (after the
+# packages: bench/agent.py must not hide the agent package)
 from gpu_check_cases import (  # noqa: E402
     ATOL_ATTENTION, ATOL_KC, ATOL_STAGE1, COS_MIN, DRY_SIZES, GPU_SIZES, NEAR_TIE_REL, REL_TERNARY, Context,
     Unavailable, aot_executor, check_aot_preflight, check_attention_plan, check_block_list_attention,
     check_compress_keys, check_dense_attention, check_infllm, check_select, check_stage1, check_ternary_linear,
-    check_ternary_plan, run_triton)
+    check_ternary_plan, run_triton, check_int4_linear, check_int4_plan)
 from gpu_check_timings import check_bandwidth, check_gemv, check_sparse_decode  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -222,6 +223,7 @@ def build_checks(ctx: Context) -> list[Check]:
                          ("block_attention_list", check_block_list_attention), ("infllm_v2_attention", check_infllm)):
             checks.append(Check(f"{name}[{first},{dt}]", "triton", lambda fn=fn, dt=dt: fn(ctx, first, dt)))
         checks.append(Check(f"ternary_linear[{dt}]", "triton", lambda dt=dt: check_ternary_linear(ctx, dt)))
+        checks.append(Check(f"int4_linear[{dt}]", "triton", lambda dt=dt: check_int4_linear(ctx, dt)))
         for model in sizes.models:
             for mode in ("dense", "sparse"):
                 checks.append(Check(f"cpm_attention_plan_{mode}[{model},{dt}]", "triton",
@@ -235,6 +237,7 @@ def build_checks(ctx: Context) -> list[Check]:
                                     lambda m=model, dt=dt, sp=mode == "sparse":
                                     check_attention_plan(ctx, m, dt, sp, aot_executor(ctx))))
         checks.append(Check(f"aot_ternary_plan[{dt}]", "aot", lambda dt=dt: check_ternary_plan(ctx, dt, aot_executor(ctx))))
+        checks.append(Check(f"aot_int4_plan[{dt}]", "aot", lambda dt=dt: check_int4_plan(ctx, dt, aot_executor(ctx))))
     for context in sizes.contexts:
         checks.append(Check(f"sparse_decode[{context // 1024}K]" if context >= 1024 else f"sparse_decode[{context}]",
                             "timing", lambda c=context: check_sparse_decode(ctx, c)))

@@ -15,6 +15,7 @@ ATOL_ATTENTION = {"fp16": 2e-3, "bf16": 1.6e-2}  # as tests/: p is rounded to th
 ATOL_STAGE1 = 1e-4    # fp32 dot and online softmax of the same half inputs, summed in another order
 ATOL_KC = 1e-5        # fp32 mean of kernel_size half keys, summed in another order
 REL_TERNARY = {"fp16": 2e-3, "bf16": 1.6e-2}  # of the largest |y|: both round an fp32 sum to the dtype once
+REL_INT4 = REL_TERNARY  # the same: exact small-integer weights times a scale, fp32 sums, one final rounding
 COS_MIN = 0.9999
 # Stage-1 scores of two blocks this close (relative) may be ranked either way by fp32 rounding (the kernel and
 # torch sum in different orders, ~1e-6); a wrong selection picks blocks whose scores differ by far more.
@@ -39,6 +40,7 @@ class Sizes:
     contexts: tuple       # decode timings
     gemv: tuple           # (N out, K in) of the ternary GEMV timings
     ternary_cases: tuple  # (M, N, K, group or 0) of the ternary checks
+    int4_cases: tuple     # (M, N, K, group, zero points) of the int4 checks: GEMV (M <= 8) and GEMM tiles
     reps: int
     copy_bytes: int
 
@@ -47,11 +49,13 @@ GPU_SIZES = Sizes(models={"MiniCPM4-8B": (32, 2, 128), "MiniCPM4-0.5B": (16, 2, 
                   capacity=10277, tokens=4, prefill=300, dense_start=1000, contexts=(32768, 131072),
                   gemv=((4096, 4096), (14336, 4096), (4096, 14336)),
                   ternary_cases=((1, 1000, 2000, 0), (37, 1000, 2000, 0), (1, 768, 1920, 128), (5, 768, 1920, 32)),
+                  int4_cases=((1, 4096, 4096, 128, False), (5, 1000, 2048, 64, True), (37, 1000, 1920, 32, True)),
                   reps=50, copy_bytes=1 << 30)
 DRY_SIZES = Sizes(models={"tiny": (4, 2, 64)},
                   sparse=dict(kernel_size=16, kernel_stride=8, block_size=32, window_size=64, topk=4, dense_len=48),
                   capacity=100, tokens=2, prefill=12, dense_start=10, contexts=(130,),
-                  gemv=((96, 256),), ternary_cases=((1, 70, 200, 0), (3, 64, 256, 128)), reps=2, copy_bytes=1 << 22)
+                  gemv=((96, 256),), ternary_cases=((1, 70, 200, 0), (3, 64, 256, 128)),
+                  int4_cases=((1, 70, 256, 128, False), (9, 33, 128, 32, True)), reps=2, copy_bytes=1 << 22)
 
 
 # --- timing -----------------------------------------------------------------------------------------------
@@ -330,6 +334,39 @@ def ternary_case(ctx, dtype, case, execute):
             **compare(got, ternary_linear_ref(xs.cpu(), p_cpu), REL_TERNARY[dtype], relative=True)}
 
 
+def check_int4_linear(ctx, dtype):
+    """The W4A16 wrapper (its plan, run by the Triton executor) for each case, against the reference."""
+    from trt_plugins.int4.kernels import int4_linear
+    results = [int4_case(ctx, dtype, case, lambda x, p, _plan, _t: int4_linear(x, p)) for case in ctx.sizes.int4_cases]
+    return {"cases": results, "pass": all(r["pass"] for r in results)}
+
+
+def int4_case_plan(case, dtype: str):
+    from trt_plugins import plans
+    M, N, K, group, zeros = case
+    return plans.int4_plan(M, N, K, group, zeros, dtype)
+
+
+def int4_case(ctx, dtype, case, execute):
+    """y = x @ W^T for one (M, N, K, group, zeros) case from random codes, zero points and scales."""
+    import torch
+    from trt_plugins.int4.reference import PackedInt4, int4_linear_ref, pack_nibbles
+    M, N, K, group, zeros = case
+    x = Inputs(ctx, f"int4{case}")
+    zp = pack_nibbles(torch.randint(0, 16, (N, K // group), generator=x.gen)) if zeros else None
+    scales = ((torch.rand(N, K // group, generator=x.gen) - 0.3) * 0.05).to(torch_dtype(dtype))
+    p_cpu = PackedInt4(pack_nibbles(torch.randint(0, 16, (N, K), generator=x.gen)), scales, zp, K, group)
+    p = PackedInt4(p_cpu.qweight.to(ctx.device), scales.to(ctx.device), zp if zp is None else zp.to(ctx.device),
+                   K, group)
+    xs = x.randn(M, K, dtype=torch_dtype(dtype))
+    tensors = {"x": xs, "qweight": p.qweight, "scales": p.scales,
+               "y": torch.full((M, N), float("nan"), dtype=xs.dtype, device=ctx.device),
+               **({"zeros": p.zeros} if zeros else {})}
+    got = execute(xs, p, int4_case_plan(case, dtype), tensors)
+    return {"case": {"M": M, "N": N, "K": K, "group": group, "zeros": zeros},
+            **compare(got, int4_linear_ref(xs.cpu(), p_cpu), REL_INT4[dtype], relative=True)}
+
+
 # --- the plugins' plans, by either executor -------------------------------------------------------------
 def run_triton(plan, tensors):
     from trt_plugins.executors import run_triton as run
@@ -402,6 +439,7 @@ def aot_plans(ctx: Context) -> list:
                 out += [(f"{model} {dtype} {'sparse' if sparse else 'dense'} T={tokens}",
                          attention_call_plan(ctx, model, dtype, sparse, tokens)) for tokens, _ in attention_calls(ctx, sparse)]
         out += [(f"ternary {dtype} {case}", ternary_case_plan(case, dtype)) for case in ctx.sizes.ternary_cases]
+        out += [(f"int4 {dtype} {case}", int4_case_plan(case, dtype)) for case in ctx.sizes.int4_cases]
     return out
 
 
@@ -486,4 +524,12 @@ def check_ternary_plan(ctx: Context, dtype: str, execute) -> dict:
         execute(plan, tensors)
         return tensors["y"]
     results = [ternary_case(ctx, dtype, case, run) for case in ctx.sizes.ternary_cases]
+    return {"cases": results, "pass": all(r["pass"] for r in results)}
+
+
+def check_int4_plan(ctx: Context, dtype: str, execute) -> dict:
+    def run(_x, _p, plan, tensors):
+        execute(plan, tensors)
+        return tensors["y"]
+    results = [int4_case(ctx, dtype, case, run) for case in ctx.sizes.int4_cases]
     return {"cases": results, "pass": all(r["pass"] for r in results)}

@@ -6,7 +6,9 @@ versus its dense plan. The plan is *executed* (its Triton kernels, in the interp
 random keys, and each launch's traffic is counted from its arguments and the blocks the selection picked
 (trt_plugins/plan_traffic.py): cache write, incremental key compression, stage 1 (two passes over the
 visible compressed keys, fp32), selection, block attention. Ternary: the weight bytes a GEMV reads per
-scale layout, against fp16.
+scale layout, against fp16. INT4 (W4A16): the weight bytes of a decode GEMV, from the CpmInt4Gemm plan's
+buffers (codes, scales, zero points), for every projection of a MiniCPM4-8B layer and per group size,
+against fp16 and the CpmTernaryGemm plan at the same shapes.
 
 Timings (NVIDIA GPU only, triton.testing.do_bench, median over rotating inputs): Triton sparse decode vs
 torch SDPA dense at 32K and 128K; ternary GEMV vs fp16 torch.matmul at M=1 for 1024x4096, 4096x4096,
@@ -39,6 +41,10 @@ CONTEXTS = (8192, 32768, 131072)
 HEAD_DIM, GROUP = 128, 16           # MiniCPM4-8B: 32 query heads, 2 kv heads
 CACHE_BYTES = 2                     # K/V in fp16/bf16, as the engine stores them (compressed keys: fp32)
 GEMV_SHAPES = ((1024, 4096), (4096, 4096), (4096, 16384))  # (N out, K in)
+# MiniCPM4-8B projections (N out, K in): hidden 4096, 32 heads / 2 kv heads of 128, intermediate 16384.
+LAYER_8B = {"q_proj": (4096, 4096), "k_proj": (256, 4096), "v_proj": (256, 4096), "o_proj": (4096, 4096),
+            "gate_proj": (16384, 4096), "up_proj": (16384, 4096), "down_proj": (4096, 16384)}
+INT4_LAYOUTS = ((128, False), (128, True), (64, False), (32, False))  # (group size, zero points)
 
 
 def count_decode_step(context: int, cfg: InfLLMv2Config, seed: int) -> dict:
@@ -92,6 +98,31 @@ def count_ternary() -> list[dict]:
             rows.append({"shape": [n, kdim], "layout": str(layout), "ternary_bytes": weight_bytes(p),
                          "fp16_bytes": n * kdim * 2, "ratio": weight_bytes(p) / (n * kdim * 2)})
     return rows
+
+
+def plan_weight_bytes(plan) -> int:
+    """The bytes of a GEMM plan's weight buffers: every input but the activations."""
+    return sum(b.nbytes for b in plan.buffers if b.kind == "input" and b.name != "x")
+
+
+def count_int4() -> dict:
+    """Weight bytes one decode row (M = 1) reads per MiniCPM4-8B layer: the int4 plan's buffers per group
+    layout and the ternary plan's (per-row and groups-of-128 fp32 scales), each against fp16."""
+    from trt_plugins import plans
+
+    rows = []
+    for name, (n, k) in LAYER_8B.items():
+        row = {"projection": name, "shape": [n, k], "fp16_bytes": n * k * 2}
+        for group, zeros in INT4_LAYOUTS:
+            row[f"int4_g{group}{'_zeros' if zeros else ''}_bytes"] = plan_weight_bytes(
+                plans.int4_plan(1, n, k, group, zeros, "fp16"))
+        for group in (0, 128):
+            row[f"ternary_{'row' if group == 0 else f'g{group}'}_bytes"] = plan_weight_bytes(
+                plans.ternary_plan(1, n, k, -(-k // 128) * 32, k // group if group else 1, group, "fp16"))
+        rows.append(row)
+    layer = {key: sum(r[key] for r in rows) for key in rows[0] if key.endswith("_bytes")}
+    return {"model": "MiniCPM4-8B", "projections": rows, "layer": layer,
+            "layer_ratio_to_fp16": {k: v / layer["fp16_bytes"] for k, v in layer.items() if k != "fp16_bytes"}}
 
 
 def time_on_gpu(cfg: InfLLMv2Config) -> dict:
@@ -152,7 +183,7 @@ def plot(report: dict, path: Path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4))
     ctx = [c["context"] // 1024 for c in report["attention_counts"]]
     axes[0].bar([f"{c}K" for c in ctx], [100 * c["bytes_ratio"] for c in report["attention_counts"]],
                 color="#3b7dd8", label="KV bytes")
@@ -169,6 +200,13 @@ def plot(report: dict, path: Path):
     axes[1].set_ylabel("% of fp16 weight bytes")
     axes[1].set_title("Ternary 4096x4096 weight read (counted)")
     axes[1].legend()
+    ratios = report["int4_counts"]["layer_ratio_to_fp16"]
+    labels = [k.removesuffix("_bytes").replace("_", " ") for k in ratios]
+    axes[2].bar(labels, [100 * v for v in ratios.values()],
+                color=["#8a5bd8" if k.startswith("int4") else "#4a9d5b" for k in ratios])
+    axes[2].set_ylabel("% of fp16 weight bytes")
+    axes[2].set_title("MiniCPM4-8B layer, decode weight read (plans' buffers)")
+    axes[2].tick_params(axis="x", rotation=30)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -185,6 +223,7 @@ def main() -> int:
               "head_dim": HEAD_DIM, "query_heads_per_kv_head": GROUP}
     report["attention_counts"] = [count_decode_step(c, cfg, args.seed + i) for i, c in enumerate(CONTEXTS)]
     report["ternary_counts"] = count_ternary()
+    report["int4_counts"] = count_int4()
     for c in report["attention_counts"]:
         parts = ", ".join(f"{k} {v / c['dense_bytes']:.1%}" for k, v in c["sparse_bytes_by_kernel"].items())
         print(f"decode at {c['context'] // 1024:4d}K: the sparse plan reads {100 * c['bytes_ratio']:5.1f}% of the "
@@ -193,6 +232,8 @@ def main() -> int:
         if r["shape"] == [4096, 4096]:
             print(f"ternary 4096x4096, scales per {r['layout']:>3}: {r['ratio']:.4f} of fp16 bytes "
                   f"(1/{1 / r['ratio']:.1f})")
+    for key, ratio in report["int4_counts"]["layer_ratio_to_fp16"].items():
+        print(f"MiniCPM4-8B layer weights, {key.removesuffix('_bytes'):>16}: {ratio:.4f} of fp16 (1/{1 / ratio:.2f})")
     if torch.cuda.is_available():
         report["gpu"] = time_on_gpu(cfg)
         print(json.dumps(report["gpu"], indent=1))

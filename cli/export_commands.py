@@ -21,6 +21,11 @@ def export_arguments(p: argparse.ArgumentParser):
                    help="logits of the last position (generation) or of every position (parity checks)")
     p.add_argument("--ternary", choices=("auto", "off", "packed"), default="auto",
                    help="trt flavor: pack BitCPM4 projections to 2 bits (auto: when every one is ternary)")
+    p.add_argument("--weights", choices=("float", "int4"), default="float",
+                   help="int4: quantize the attention and MLP projections to 4 bits at export (round-to-nearest, "
+                        "symmetric; GPTQ/AWQ checkpoints are int4 as published either way)")
+    p.add_argument("--group-size", type=int, choices=(32, 64, 128), default=128,
+                   help="--weights int4: inputs per scale (default 128)")
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
 
 
@@ -30,7 +35,8 @@ def export(args) -> int:
     dtype = args.dtype if args.dtype != "auto" else ("fp32" if args.flavor == "portable" else "fp16")
     start = time.perf_counter()
     out = run_export(ExportOptions(args.model_dir, args.out, args.flavor, dtype, args.max_seq, args.ternary,
-                                   all_logits=args.logits == "all", overwrite=args.force), print_progress)
+                                   all_logits=args.logits == "all", overwrite=args.force, weights=args.weights,
+                                   group_size=args.group_size), print_progress)
     print(f"exported {args.flavor} {dtype} graph to {out} in {time.perf_counter() - start:.1f} s", file=sys.stderr)
     return 0
 

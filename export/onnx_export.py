@@ -35,14 +35,15 @@ import torch
 from export.checkpoint import DTYPES, AtomicDir, CheckpointError, file_sha256, load_config, load_model
 from export.model import MiniCPM
 from trt_plugins import ops
-from trt_plugins.attention.reference import InfLLMv2Config, dense_rows, sparse_block_mask
+from trt_plugins.attention.reference import InfLLMv2Config, dense_rows, selected_blocks
 
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 2  # 2: export.json lists the carried state (KV caches, compressed keys)
 ONNX_OPSET = 18
 FLAVORS = ("portable", "trt")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "config.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "config.json",
+                   "chat_template.jinja")  # MiniCPM5 ships its template as a file
 EXTERNAL_DATA_BYTES = 512 * 2**20  # larger graphs keep their weights in model.onnx.data
 
 
@@ -54,7 +55,7 @@ def sparse_bias(q: torch.Tensor, k: torch.Tensor, past_k: torch.Tensor, position
     the cache with them written (a copy for the selection only; the runtime's cache is updated in place).
     """
     keys = ops.write_cache(past_k, k, positions)  # (B, Hkv, S, D)
-    mask = sparse_block_mask(q.transpose(1, 2), keys, positions, cfg)  # (B, Hkv, T, NB)
+    mask = selected_blocks(q.transpose(1, 2), keys, positions, cfg)  # (B, Hkv, T, NB), cfg.revision's rule
     mask = mask | dense_rows(positions, cfg)[:, None, None, None]
     tokens = mask.repeat_interleave(cfg.block_size, dim=-1)[..., :past_k.shape[2]]  # (B, Hkv, T, S)
     tokens = tokens.repeat_interleave(q.shape[2] // k.shape[2], dim=1)  # (B, H, T, S)
@@ -125,6 +126,8 @@ class ExportOptions:
     all_logits: bool = False
     overwrite: bool = False
     sparse: bool = True    # False: dense attention even when the model has a sparse_config
+    weights: str = "float"  # float: as the checkpoint holds them (GPTQ/AWQ stay int4); int4: round-to-nearest
+    group_size: int = 128   # inputs per scale for weights="int4"
 
 
 def model_hash(model_dir: Path) -> str:
@@ -175,8 +178,18 @@ def export(opts: ExportOptions, progress=lambda stage: None) -> Path:
     destination.check()  # before minutes of work, not after
     progress("loading weights")
     model = load_model(model_dir, DTYPES[opts.dtype], config=config)
+    from export.quantized import WEIGHT_FORMATS, quantize_model, set_export_flavor, weights_info
+    if opts.weights not in WEIGHT_FORMATS:
+        raise CheckpointError(f"--weights: {opts.weights!r} is not one of {', '.join(WEIGHT_FORMATS)}")
+    if opts.weights == "int4":
+        progress(f"quantizing projections to int4 (round-to-nearest, groups of {opts.group_size})")
+        quantize_model(model, opts.group_size)
+    int4 = weights_info(model)["format"] == "int4"
+    if int4 and opts.ternary == "packed":
+        raise CheckpointError("--ternary packed: the projections are int4 (--weights int4 or a GPTQ/AWQ checkpoint)")
+    set_export_flavor(model, opts.flavor)
     packed = False
-    if opts.ternary != "off" and opts.flavor == "trt":
+    if opts.ternary != "off" and opts.flavor == "trt" and not int4:
         from export.transforms import pack_ternary
         from trt_plugins.ternary.reference import NotTernaryError
         try:
@@ -188,6 +201,10 @@ def export(opts: ExportOptions, progress=lambda stage: None) -> Path:
             model = load_model(model_dir, DTYPES[opts.dtype], config=config)  # dense: start again unpacked
     if not opts.sparse:
         config.sparse = model.config.sparse = None
+    if opts.flavor == "trt" and config.sparse is not None and config.sparse.revision != 1:
+        raise CheckpointError(f"{model_dir / 'config.json'}: sparse_config.revision {config.sparse.revision} (MiniCPM4.1's "
+                              f"InfLLM v2) runs in the portable flavor only for now: the Triton kernels and TensorRT "
+                              f"plugin implement revision 1 (export with --flavor portable, or with dense attention)")
     model.setup_rope(opts.max_seq)
     wrapper = ExportModel(model, opts.flavor, opts.all_logits).eval()
 
@@ -234,6 +251,7 @@ def export(opts: ExportOptions, progress=lambda stage: None) -> Path:
             "max_seq": opts.max_seq,
             "logits": "all" if opts.all_logits else "last",
             "ternary_packed": packed,
+            "weights": weights_info(model),
             "sparse_config": vars(c.sparse) if c.sparse else None,
             "num_layers": c.num_hidden_layers,
             "num_kv_heads": c.num_key_value_heads,
@@ -245,7 +263,8 @@ def export(opts: ExportOptions, progress=lambda stage: None) -> Path:
             "outputs": outputs,
             "opsets": opsets,
             "plugins": ({"namespace": ops.NAMESPACE, "version": ops.PLUGIN_VERSION,
-                         "ops": [ops.ATTENTION_OP] + ([ops.TERNARY_OP] if packed else [])}
+                         "ops": [ops.ATTENTION_OP] + ([ops.TERNARY_OP] if packed else [])
+                                + ([ops.INT4_OP] if int4 else [])}
                         if opts.flavor == "trt" else None),
             "export_seconds": round(time.perf_counter() - start, 1),
         }

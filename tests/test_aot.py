@@ -36,7 +36,7 @@ def test_compile_every_engine_kernel_for_orin(orin_kernels):
     assert report["targets"] == ["sm_87"] and report["ptx_version"] == 85 and report["unaccepted_spills"] == []
     kinds = {k["kernel"] for k in report["kernels"]}
     assert kinds == {"block_attention_kernel", "stage1_scores_kernel", "ternary_matmul_kernel", "cache_write_kernel",
-                     "compress_keys_kernel", "select_blocks_kernel"}
+                     "compress_keys_kernel", "select_blocks_kernel", "int4_matmul_kernel"}
     for k in report["kernels"]:
         ptx = (out / "sm_87" / f"{k['config']}.ptx").read_text()
         assert ".version 8.5" in ptx and ".target sm_87" in ptx and f".entry {k['entry']}" in ptx
@@ -85,6 +85,9 @@ def test_gpu_argument_packing_matches_each_compiled_kernel(orin_kernels, seed):
              for t in (1, random.randint(2, 300)) for dtype in ("fp16", "bf16") for sparse in (None, tiny)]
     cases += [plans.ternary_plan(random.randint(1, 40), 768, 256, 64, groups, group, "fp16")
               for group, groups in ((0, 1), (32, 8), (128, 2))]
+    cases += [plans.int4_plan(rows, 768, 512, group, zeros, dtype)  # GEMV and GEMM tiles, with and without zeros
+              for rows in (random.randint(1, 8), random.randint(9, 300)) for group in plans.INT4_GROUPS
+              for zeros in (False, True) for dtype in ("fp16", "bf16")]
     checked = 0
     for plan in cases:
         bases = {b.name: random.randrange(1, 2**40) * 256 for b in plan.buffers if b.kind != "workspace"}
@@ -106,7 +109,7 @@ def test_gpu_argument_packing_matches_each_compiled_kernel(orin_kernels, seed):
                     base = workspace + b.offset if b.kind == "workspace" else bases[b.name]
                     assert value.value == base + arg.offset * plans.DTYPE_BYTES[b.dtype], name
             checked += 1
-    assert checked > 30
+    assert checked > 50
     # a plan that disagrees with the compiled kernel is refused before anything reaches the driver
     launch = cases[0].launches[0]
     meta = json.loads((folder / f"{launch.config.name}.json").read_text())

@@ -19,7 +19,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "bench" / "gpu_check.py"
-sys.path.insert(0, str(SCRIPT.parent))
+sys.path.append(str(SCRIPT.parent))  # after the packages: bench/agent.py must not hide agent/
 import gpu_check  # noqa: E402
 import gpu_check_cases as cases  # noqa: E402
 import gpu_check_timings as timings  # noqa: E402
@@ -49,7 +49,7 @@ def test_dry_run_checks_every_kernel_and_plan_against_the_references(dry_run):
     assert {"compress_keys", "stage1_scores", "select_blocks", "block_attention_dense", "block_attention_list",
             "infllm_v2_attention", "ternary_linear", "cpm_attention_plan_dense", "cpm_attention_plan_sparse",
             "aot_cpm_attention_plan_sparse", "aot_ternary_plan", "copy_bandwidth", "sparse_decode",
-            "ternary_gemv"} <= names
+            "ternary_gemv", "int4_linear", "aot_int4_plan"} <= names
     for c in checks.values():
         if c["name"] == "aot_preflight":  # no --kernels given: said so
             assert c["status"] == "unavailable" and c["reason"].startswith("no --kernels folder given"), c
@@ -61,7 +61,7 @@ def test_dry_run_checks_every_kernel_and_plan_against_the_references(dry_run):
         plan = checks[f"cpm_attention_plan_sparse[tiny,{dtype}]"]["detail"]["steps"]
         assert [s["tokens"] for s in plan] == [12, 1] and all(s["caches_equal"] and s["kc"]["pass"] for s in plan)
         assert checks[f"select_blocks[tiny,{dtype}]"]["detail"]["rows_differing"] == 0
-    assert report["summary"] == {"pass": len(checks) - 7, "fail": 0, "error": 0, "unavailable": 7, "skipped": 0}
+    assert report["summary"] == {"pass": len(checks) - 9, "fail": 0, "error": 0, "unavailable": 9, "skipped": 0}
     assert report["versions"]["torch"] == torch.__version__ and report["device"]["name"].startswith("cpu")
     assert report["tolerances"]["attention_atol"] == cases.ATOL_ATTENTION
 
@@ -121,7 +121,7 @@ def test_only_picks_groups_and_names_and_measures_bandwidth_before_timings():
     assert [c.name for c in gpu_check.select_checks(checks, "ternary_gemv")] == [
         "copy_bandwidth", "ternary_gemv[4096x4096]", "ternary_gemv[14336x4096]", "ternary_gemv[4096x14336]"]
     aot = gpu_check.select_checks(checks, "aot")
-    assert len(aot) == 1 + 2 * (2 * 2 + 1) and {c.group for c in aot} == {"aot"} and aot[0].name == "aot_preflight"
+    assert len(aot) == 1 + 2 * (2 * 2 + 2) and {c.group for c in aot} == {"aot"} and aot[0].name == "aot_preflight"
     assert [c.name for c in gpu_check.select_checks(checks, "sparse_decode[128K]")] == ["copy_bandwidth", "sparse_decode[128K]"]
     with pytest.raises(ValueError, match="--only nope: no such group or check"):
         gpu_check.select_checks(checks, "nope")

@@ -59,7 +59,8 @@ def parse_targets(text: str) -> list[Target]:
 
 def engine_configs(shapes=ATTENTION_SHAPES, dtypes=DTYPES) -> list[KernelConfig]:
     """Every configuration the engines launch: collected from the plugins' own plans (plans.py) for each
-    attention shape, dtype, selection width and ternary scale layout, so nothing launched is left uncompiled."""
+    attention shape, dtype, selection width, ternary scale layout and int4 group, so nothing launched is left
+    uncompiled."""
     configs: dict[str, KernelConfig] = {}
 
     def add(plan):
@@ -77,6 +78,10 @@ def engine_configs(shapes=ATTENTION_SHAPES, dtypes=DTYPES) -> list[KernelConfig]
     for dtype in dtypes:
         for group in TERNARY_GROUPS:
             add(plans.ternary_plan(1, 64, 128, 32, 1 if group == 0 else 128 // group, group, dtype))
+        for group in plans.INT4_GROUPS:  # decode (GEMV tile) and prefill (GEMM tile), symmetric and with zeros
+            for rows in (1, plans.INT4_GEMV_ROWS + 1):
+                for has_zeros in (False, True):
+                    add(plans.int4_plan(rows, 64, 256, group, has_zeros, dtype))
     return list(configs.values())
 
 
@@ -127,6 +132,12 @@ SIGNATURES = {
         ("n_tiles", "i32"),
         ("stride_xm", "i32"), ("stride_xk", "1"), ("stride_pn", "i32"), ("stride_pk", "1"),
         ("stride_sn", "i32"), ("stride_sg", "i32"), ("stride_ym", "i32"), ("stride_yn", "1")],
+    "int4_matmul_kernel": [
+        ("X", "*T"), ("QW", "*u8"), ("S", "*T"), ("Z", "*u8"), ("Y", "*T"), ("M", "i32"), ("N", "i32"),
+        ("K", "i32"),
+        ("stride_xm", "i32"), ("stride_xk", "1"), ("stride_qn", "i32"), ("stride_qk", "1"),
+        ("stride_sn", "i32"), ("stride_sg", "1"), ("stride_zn", "i32"), ("stride_zg", "1"),
+        ("stride_ym", "i32"), ("stride_yn", "1")],
 }
 
 
@@ -139,6 +150,8 @@ def _kernel_fn(cfg: KernelConfig):
         from trt_plugins.attention import kernels
     elif cfg.module == "selection":
         from trt_plugins.attention import selection as kernels
+    elif cfg.module == "int4":
+        from trt_plugins.int4 import kernels
     else:
         from trt_plugins.ternary import kernels
     return getattr(kernels, cfg.kernel)

@@ -18,7 +18,7 @@ TORCH_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.flo
                 "i64": torch.int64, "u8": torch.uint8, "i8": torch.int8}
 DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 MODULES = {"attention": "trt_plugins.attention.kernels", "selection": "trt_plugins.attention.selection",
-           "ternary": "trt_plugins.ternary.kernels"}
+           "ternary": "trt_plugins.ternary.kernels", "int4": "trt_plugins.int4.kernels"}
 # Triton's interpreter (3.9) computes tl.dot on bf16 operands wrongly (it reads the raw bits): under the
 # interpreter the kernels upcast their dot operands to fp32. On a GPU the operands keep their dtype.
 INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"

@@ -8,6 +8,7 @@ NAMESPACE = "cpm_edge"        # ONNX domain, TensorRT plugin namespace
 PLUGIN_VERSION = "1"
 ATTENTION_OP = "CpmAttention"
 TERNARY_OP = "CpmTernaryGemm"
+INT4_OP = "CpmInt4Gemm"
 ONNX_DOMAIN_VERSION = 1
 
 

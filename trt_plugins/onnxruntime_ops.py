@@ -5,7 +5,8 @@
                plugin hands the GPU, so a trt-flavor export is proven end to end on a machine without one.
 onnxruntime-extensions runs Python ops only in its own domain, so `graph_for_onnxruntime` writes a copy of
 the graph whose cpm_edge nodes are moved there (and a sparse CpmAttention, which carries InfLLM v2's
-compressed keys as a seventh input, gets an op name of its own: one Python op has one input count).
+compressed keys as a seventh input, and a symmetric CpmInt4Gemm, which has no zero points, get op names of
+their own: one Python op has one input count).
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from trt_plugins import ops
 
 CONTRIB_DOMAIN = "ai.onnx.contrib"
 SPARSE_ATTENTION_OP = ops.ATTENTION_OP + "Sparse"  # ONNX Runtime only; TensorRT sees CpmAttention
+INT4_SYMMETRIC_OP = ops.INT4_OP + "Symmetric"      # ONNX Runtime only: CpmInt4Gemm without zero points
 PLUGIN_MODES = ("reference", "interpreter")
 _MODE = {"plugins": "reference"}  # the Python ops read it at each call; set by session_options()
 
@@ -59,9 +61,25 @@ def _ternary(x, packed, scales, attrs):
     return y.numpy().astype(np.float32)
 
 
+def _int4(x, qweight, scales, zeros, attrs):
+    tx, tq, ts = torch.from_numpy(x), torch.from_numpy(qweight), torch.from_numpy(scales)
+    tz = torch.from_numpy(zeros) if zeros is not None else torch.empty(0, dtype=torch.int8)
+    K, group = int(attrs["in_features"]), int(attrs["group_size"])
+    if _MODE["plugins"] == "interpreter":
+        from trt_plugins.int4.kernels import int4_linear
+        from trt_plugins.int4.reference import PackedInt4
+
+        y = int4_linear(tx, PackedInt4(tq.view(torch.uint8), ts, tz.view(torch.uint8) if zeros is not None else None,
+                                       K, group))
+    else:
+        y = ops.cpm_int4_gemm(tx, tq, ts, tz, K, group)
+    return y.numpy().astype(np.float32)
+
+
 @functools.lru_cache(maxsize=1)
 def register_ops() -> str:
-    """Register CpmAttention (dense and sparse) and CpmTernaryGemm as Python ops; returns the library path."""
+    """Register CpmAttention (dense and sparse), CpmTernaryGemm and CpmInt4Gemm (with and without zero
+    points) as Python ops; returns the library path."""
     from onnxruntime_extensions import PyCustomOpDef, get_library_path, onnx_op
 
     f32, i64, i8, s = (PyCustomOpDef.dt_float, PyCustomOpDef.dt_int64, PyCustomOpDef.dt_int8,
@@ -85,6 +103,17 @@ def register_ops() -> str:
     def cpm_ternary_gemm(x, packed, scales, **attrs):
         return _ternary(x, packed, scales, attrs)
 
+    int4_attrs = {"in_features": i64, "out_features": i64, "group_size": i64, "has_zeros": i64,
+                  "plugin_version": s, "plugin_namespace": s}
+
+    @onnx_op(op_type=ops.INT4_OP, inputs=[f32, i8, f32, i8], outputs=[f32], attrs=int4_attrs)
+    def cpm_int4_gemm(x, qweight, scales, zeros, **attrs):
+        return _int4(x, qweight, scales, zeros, attrs)
+
+    @onnx_op(op_type=INT4_SYMMETRIC_OP, inputs=[f32, i8, f32], outputs=[f32], attrs=int4_attrs)
+    def cpm_int4_gemm_symmetric(x, qweight, scales, **attrs):
+        return _int4(x, qweight, scales, None, attrs)
+
     return get_library_path()
 
 
@@ -104,6 +133,8 @@ def graph_for_onnxruntime(export_dir: Path, out_dir: Path) -> Path:
             node.domain = CONTRIB_DOMAIN
             if node.op_type == ops.ATTENTION_OP and len(node.input) == 7:
                 node.op_type = SPARSE_ATTENTION_OP
+            if node.op_type == ops.INT4_OP and len(node.input) == 3:
+                node.op_type = INT4_SYMMETRIC_OP
     imports = [o for o in model.opset_import if o.domain != ops.NAMESPACE]
     del model.opset_import[:]
     model.opset_import.extend(imports + [onnx.helper.make_opsetid(CONTRIB_DOMAIN, 1)])

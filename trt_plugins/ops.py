@@ -12,6 +12,7 @@ from trt_plugins.attention.reference import (InfLLMv2Config, attention_ref, infl
                                              update_compressed_keys)
 from trt_plugins.names import (ATTENTION_OP, NAMESPACE, ONNX_DOMAIN_VERSION, PLUGIN_VERSION, TERNARY_OP,  # noqa: F401
                                attention_attrs, config_from_attrs, plugin_attrs)
+from trt_plugins.names import INT4_OP  # noqa: F401
 from trt_plugins.ternary.reference import PackedTernary, ternary_linear_ref
 
 def write_cache(cache: torch.Tensor, new: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -68,3 +69,22 @@ def cpm_ternary_gemm(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor
     return torch.onnx.ops.symbolic(f"{NAMESPACE}::{TERNARY_OP}", [x, packed, scales], attrs, dtype=x.dtype,
                                    shape=[*x.shape[:-1], packed.shape[0]], version=ONNX_DOMAIN_VERSION)
 
+
+def cpm_int4_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                  in_features: int, group_size: int) -> torch.Tensor:
+    """CpmInt4Gemm: y = x @ W^T from nibble-packed 4-bit codes (trt_plugins/int4/reference.py). qweight
+    (N, K / 2) and zeros (N, ceil(G / 2)) are the uint8 tensors viewed as int8 (TensorRT widens uint8
+    initializers to int32); an empty zeros means symmetric weights (zero point 8), and the node then has
+    three inputs. x is already in the weight's column order (act-order's gather comes before)."""
+    from trt_plugins.int4.reference import PackedInt4, int4_linear_ref
+
+    has_zeros = zeros.numel() > 0
+    if not torch.onnx.is_in_onnx_export():
+        packed = PackedInt4(qweight.view(torch.uint8), scales, zeros.view(torch.uint8) if has_zeros else None,
+                            in_features, group_size)
+        return int4_linear_ref(x, packed)
+    attrs = {"in_features": in_features, "out_features": qweight.shape[0], "group_size": group_size,
+             "has_zeros": int(has_zeros), **plugin_attrs()}
+    inputs = [x, qweight, scales] + ([zeros] if has_zeros else [])
+    return torch.onnx.ops.symbolic(f"{NAMESPACE}::{INT4_OP}", inputs, attrs, dtype=x.dtype,
+                                   shape=[*x.shape[:-1], qweight.shape[0]], version=ONNX_DOMAIN_VERSION)

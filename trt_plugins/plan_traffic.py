@@ -40,6 +40,12 @@ def launch_traffic(launch: Launch, positions: np.ndarray, block_counts: np.ndarr
         weights = n * a["n_tiles"] * 32 * grid_m  # 2-bit codes, re-read per M tile
         scales = n * 4 * (1 if c["GROUP"] == 0 else -(-k // c["GROUP"])) * grid_m
         return Traffic(weights + scales + m * k * elem * launch.grid[0], m * n * elem, 2 * m * n * k)
+    if kernel == "int4_matmul_kernel":
+        m, n, k = a["M"], a["N"], a["K"]
+        grid_m, groups = launch.grid[1], k // c["GROUP"]
+        weights = n * k // 2 + n * groups * elem + (n * -(-groups // 2) if c["HAS_ZEROS"] else 0)
+        # codes, scales (x's dtype) and zero points, re-read per M tile; x re-read per N tile
+        return Traffic(weights * grid_m + m * k * elem * launch.grid[0], m * n * elem, 2 * m * n * k)
     pos_ptr: Ptr = a["POS"]
     n_tok = a.get("n_tokens", launch.grid[0])
     pos = positions[:, pos_ptr.offset:pos_ptr.offset + n_tok]  # (B, n) this launch's tokens

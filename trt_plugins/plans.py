@@ -32,6 +32,16 @@ SPARSE_CHUNK = 256     # tokens per stage-1/selection pass: bounds the workspace
 # bytes, measured with ptxas), so prefill runs M in tiles of 16 and re-reads the (small, 2-bit) weight.
 TERNARY_TILES = [(16, 64, 4)]
 TERNARY_TILE_K = 128   # weights per packed tile (4 planes of 32)
+# INT4 (W4A16) tiles (BLOCK_M, BLOCK_N, BLOCK_K, num_warps); a K step never crosses a quantization group
+# (BLOCK_K is capped at the group size), so it has one scale and one zero point per row. Decode
+# (M <= INT4_GEMV_ROWS) runs one M tile, padded to tl.dot's 16, over narrow N tiles: 4096 outputs make 128
+# programs, enough to keep every SM streaming weights. Prefill takes 64 rows a tile so each weight tile read
+# serves 64 rows; its K step is 32 because steps of 64 and 128 spill on sm_87 (255 registers + 28-1752
+# bytes, ptxas), 32 does not.
+INT4_GEMV_ROWS = 8
+INT4_GEMV_TILE = (16, 32, 64, 4)
+INT4_GEMM_TILE = (64, 64, 32, 4)
+INT4_GROUPS = (32, 64, 128)
 
 
 def attention_warps(head_dim: int) -> int:
@@ -72,7 +82,7 @@ def n_kernels(cfg: InfLLMv2Config, capacity: int) -> int:
 class KernelConfig:
     """One compiled specialisation of a kernel: what the AOT compiler builds and a launch names."""
     kernel: str                      # function name in its kernels module
-    module: str                      # "attention", "selection" or "ternary"
+    module: str                      # "attention", "selection", "ternary" or "int4"
     dtype: str
     constexprs: tuple = ()           # ((name, value), ...)
     num_warps: int = 4
@@ -241,6 +251,28 @@ def ternary_launch(x: Ptr, x_strides, packed: Ptr, packed_strides, scales: Ptr, 
             **_strides("y", "mn", y_strides)})
 
 
+def int4_launch(x: Ptr, x_strides, qweight: Ptr, q_strides, scales: Ptr, scale_strides, zeros: Ptr | None,
+                zero_strides, y: Ptr, y_strides, *, rows: int, out_features: int, in_features: int,
+                group_size: int, dtype: str) -> Launch:
+    """Y (M, N) = X (M, K) @ W^T from nibble-packed codes (N, K / 2), scales (N, G) in X's dtype and packed
+    zero points (N, ceil(G / 2)) or none (zero point 8). GEMV tiles for M <= INT4_GEMV_ROWS, else GEMM."""
+    if group_size not in INT4_GROUPS or in_features % group_size:
+        raise ValueError(f"int4 group_size {group_size}: must be one of {INT4_GROUPS} and divide in_features "
+                         f"{in_features}")
+    block_m, block_n, block_k, warps = INT4_GEMV_TILE if rows <= INT4_GEMV_ROWS else INT4_GEMM_TILE
+    has_zeros = zeros is not None
+    if not has_zeros:  # the zero-point arguments exist in the signature but are never read
+        zeros, zero_strides = scales, (0, 1)
+    return _launch("int4_matmul_kernel", "int4", dtype, {
+        "GROUP": group_size, "HAS_ZEROS": has_zeros, "BLOCK_M": block_m, "BLOCK_N": block_n,
+        "BLOCK_K": min(block_k, group_size), "UPCAST": False},
+        warps, (cdiv(out_features, block_n), cdiv(rows, block_m)), {
+            "X": x, "QW": qweight, "S": scales, "Z": zeros, "Y": y, "M": rows, "N": out_features,
+            "K": in_features, **_strides("x", "mk", x_strides), **_strides("q", "nk", q_strides),
+            **_strides("s", "ng", scale_strides), **_strides("z", "ng", zero_strides),
+            **_strides("y", "mn", y_strides)})
+
+
 # --- one function per op ------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class AttentionShape:
@@ -270,6 +302,9 @@ def attention_plan(shape: AttentionShape, dtype: str, sparse: InfLLMv2Config | N
     models add kc (B, Hkv, NK, D) fp32 state, the compressed keys, extended by the kernels this call
     completes, and workspace for one chunk of SPARSE_CHUNK tokens: stage-1 scores, block lists, counts.
     """
+    if sparse is not None and sparse.revision != 1:
+        raise ValueError(f"InfLLM v2 revision {sparse.revision} (MiniCPM4.1) has no Triton kernels yet: only "
+                         f"the torch reference and the portable ONNX flavor run it")
     B, T, H, Hkv, S, D = (shape.batch, shape.tokens, shape.heads, shape.kv_heads, shape.capacity, shape.head_dim)
     G = H // Hkv
     buffers = [Buffer("q", dtype, B * T * H * D, "input"), Buffer("k", dtype, B * T * Hkv * D, "input"),
@@ -326,3 +361,23 @@ def ternary_plan(rows: int, out_features: int, in_features: int, packed_cols: in
                             Ptr("y"), (out_features, 1), rows=rows, out_features=out_features,
                             in_features=in_features, packed_cols=packed_cols, group=group, dtype=dtype)
     return Plan(buffers, (launch,))
+
+
+@functools.lru_cache(maxsize=256)
+def int4_plan(rows: int, out_features: int, in_features: int, group_size: int, has_zeros: bool,
+              dtype: str) -> Plan:
+    """CpmInt4Gemm: y (M, N) = x (M, K) @ W^T; qweight (N, K / 2) uint8, scales (N, G) in x's dtype, zeros
+    (N, ceil(G / 2)) uint8 when has_zeros (else symmetric: zero point 8). G = K / group_size."""
+    N, K = out_features, in_features
+    G = K // group_size
+    buffers = [Buffer("x", dtype, rows * K, "input"), Buffer("qweight", "u8", N * K // 2, "input"),
+               Buffer("scales", dtype, N * G, "input")]
+    zeros = None
+    if has_zeros:
+        buffers.append(Buffer("zeros", "u8", N * cdiv(G, 2), "input"))
+        zeros = Ptr("zeros")
+    buffers.append(Buffer("y", dtype, rows * N, "output"))
+    launch = int4_launch(Ptr("x"), (K, 1), Ptr("qweight"), (K // 2, 1), Ptr("scales"), (G, 1), zeros,
+                         (cdiv(G, 2), 1), Ptr("y"), (N, 1), rows=rows, out_features=N, in_features=K,
+                         group_size=group_size, dtype=dtype)
+    return Plan(tuple(buffers), (launch,))

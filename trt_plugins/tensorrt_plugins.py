@@ -1,4 +1,5 @@
-"""TensorRT plugins for the kit's ONNX nodes: CpmAttention and CpmTernaryGemm (IPluginV3 + IPluginCreatorV3One).
+"""TensorRT plugins for the kit's ONNX nodes: CpmAttention, CpmTernaryGemm and CpmInt4Gemm (IPluginV3 +
+IPluginCreatorV3One).
 
 Small adapters: validate shapes and types strictly at build time; at run time build the op's launch plan
 (trt_plugins/plans.py, the same function the Triton wrappers and the CPU tests execute) and hand it to the
@@ -225,6 +226,41 @@ def build_plugin_classes(trt):
             addresses = {"x": int(inputs[0]), "packed": int(inputs[1]), "scales": int(inputs[2]), "y": int(outputs[0])}
             gpu_kernels().run(plan, addresses, int(workspace), int(stream))
 
+    class Int4GemmPlugin(Plugin):
+        """CpmInt4Gemm: inputs x (..., K) fp16/bf16, qweight int8 (N, K/2), scales (N, G) in x's dtype [, zeros
+        int8 (N, ceil(G/2)) when has_zeros]; output (..., N). enqueue runs plans.int4_plan."""
+        NAME = ops.INT4_OP
+        FIELDS = ("in_features", "out_features", "group_size", "has_zeros")
+
+        def __init__(self, values):
+            super().__init__(values)
+            self.num_outputs = 1
+            self.has_zeros = bool(self.values["has_zeros"])
+            self.FIXED_TYPES = {1: "INT8", 3: "INT8"} if self.has_zeros else {1: "INT8"}  # codes, zero points
+
+        def get_aliased_input(self, output_index):
+            return -1
+
+        def get_output_data_types(self, input_types):
+            return [input_types[0]]
+
+        def get_output_shapes(self, inputs, shape_inputs, expr_builder):
+            if len(inputs) != 3 + self.has_zeros:
+                raise ValueError(f"{ops.INT4_OP}: {len(inputs)} inputs, expected {3 + self.has_zeros} "
+                                 f"(has_zeros={int(self.has_zeros)})")
+            out = trt.DimsExprs(inputs[0])
+            out[len(out) - 1] = expr_builder.constant(int(self.values["out_features"]))
+            return [out]
+
+        def enqueue(self, input_desc, output_desc, inputs, outputs, workspace, stream):
+            dims = [int(d) for d in input_desc[0].dims]
+            plan = plans.int4_plan(int(np.prod(dims[:-1])), int(input_desc[1].dims[0]), dims[-1],
+                                   int(self.values["group_size"]), self.has_zeros, _dtype_name(trt, input_desc[0].type))
+            addresses = {"x": int(inputs[0]), "qweight": int(inputs[1]), "scales": int(inputs[2]), "y": int(outputs[0])}
+            if self.has_zeros:
+                addresses["zeros"] = int(inputs[3])
+            gpu_kernels().run(plan, addresses, int(workspace), int(stream))
+
     class Creator(trt.IPluginCreatorV3One):
         PLUGIN = Plugin
 
@@ -248,7 +284,10 @@ def build_plugin_classes(trt):
     class TernaryGemmCreator(Creator):
         PLUGIN = TernaryGemmPlugin
 
-    return [AttentionCreator, TernaryGemmCreator]
+    class Int4GemmCreator(Creator):
+        PLUGIN = Int4GemmPlugin
+
+    return [AttentionCreator, TernaryGemmCreator, Int4GemmCreator]
 
 
 _REGISTERED: dict[str, list] = {}  # module name -> creator objects, kept alive for the process

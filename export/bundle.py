@@ -17,6 +17,7 @@ on a Jetson) -> bundle:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import shutil
@@ -106,9 +107,10 @@ class BundleOptions:
     context: int | None = None  # positions per row; None: the profile's max_context
 
 
-def golden_cases(model_dir: Path, config, out: Path, sparse: bool, encode):
+def golden_cases(model_dir: Path, config, out: Path, sparse: bool, encode, int4_group: int | None = None):
     """Greedy tokens and first-step logits of fixed prompts from the torch model, for test-device.
-    encode(text) -> token ids is the tokenizer the device will use (the caller's)."""
+    encode(text) -> token ids is the tokenizer the device will use (the caller's). int4_group: the export
+    quantized the projections to int4 (round-to-nearest, groups of this size): so does the model here."""
     import torch
 
     from export.transforms import use_sparse_attention
@@ -119,6 +121,9 @@ def golden_cases(model_dir: Path, config, out: Path, sparse: bool, encode):
     total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     dtype = torch.float32 if 2 * weight_bytes(config, "fp16") < total / 2 else torch.bfloat16
     model = load_model(model_dir, dtype, config=config)
+    if int4_group:
+        from export.quantized import quantize_model
+        quantize_model(model, int4_group)
     if sparse:
         use_sparse_attention(model)
     cases, first_logits = [], []
@@ -155,12 +160,16 @@ def bundle_plan(opts: BundleOptions):
     (ProfileError / CheckpointError, exit 2) a model or context that does not fit, with the plan."""
     from export.checkpoint import read_json
     from export.long_context import config_with, overrides_for
+    from export.quantized import kernel_group, read_quant_config
 
     profile = load_profile(opts.device)
     model_name = opts.model or profile.default_model
     model_dir = resolve_model(model_name)
     raw = read_json(model_dir / "config.json")
     context = opts.context or profile.max_context
+    spec = read_quant_config(model_dir)
+    if spec is not None:  # a GPTQ/AWQ checkpoint brings its own 4-bit weights, whatever the profile's default
+        profile = dataclasses.replace(profile, weights="int4", weight_group_size=kernel_group(spec.group_size) or 128)
     overrides = overrides_for(raw, context, profile.sparse)
     config = config_with(raw, overrides, str(model_dir / "config.json")) if overrides else load_config(model_dir)
     return profile, model_name, model_dir, overrides, config, plan_for(profile, config, model_name, opts.context)
@@ -216,10 +225,10 @@ def make_bundle(opts: BundleOptions, encoder_for, progress=lambda stage: None) -
     portable = profile.trt_flavour == "onnxruntime"  # devices/cpu: no kernels, no engine
     flavor = "portable" if portable else "trt"
     with destination as tmp, model_view(model_dir, overrides) as source:
-        progress(f"[1/5] export: {flavor} flavor, {profile.dtype}, context {plan.max_context}, "
-                 f"sparse {'on' if plan.sparse else 'off'}")
-        export(ExportOptions(source, tmp / "export", flavor, profile.dtype, plan.max_context,
-                             sparse=plan.sparse), progress)
+        progress(f"[1/5] export: {flavor} flavor, {profile.dtype}, {profile.weights} weights, context "
+                 f"{plan.max_context}, sparse {'on' if plan.sparse else 'off'}")
+        export(ExportOptions(source, tmp / "export", flavor, profile.dtype, plan.max_context, sparse=plan.sparse,
+                             weights=profile.weights, group_size=profile.weight_group_size), progress)
         for item in (tmp / "export").iterdir():
             item.rename(tmp / item.name)
         (tmp / "export").rmdir()
@@ -241,7 +250,9 @@ def make_bundle(opts: BundleOptions, encoder_for, progress=lambda stage: None) -
             progress(f"[3/5] engine: not built here ({why_not}); the device builds it on first start "
                      f"(cpm-edge engine build --bundle DIR)")
         progress("[4/5] golden cases from the torch model")
-        golden_cases(source, config, tmp, plan.sparse, encode)
+        weights = json.loads((tmp / "export.json").read_text())["weights"]
+        quantized_here = weights["format"] == "int4" and weights["source"] == ["rtn"]
+        golden_cases(source, config, tmp, plan.sparse, encode, profile.weight_group_size if quantized_here else None)
         (tmp / "plan.json").write_text(json.dumps(expectations(profile, config, plan, model_name), indent=1) + "\n")
         shutil.copy2(profile.path, tmp / "profile.yaml")
         progress("[5/5] manifest (sha256 of every file)")
@@ -251,6 +262,7 @@ def make_bundle(opts: BundleOptions, encoder_for, progress=lambda stage: None) -
             "trt_min_version": profile.trt_min_version, "jetpack": profile.jetpack or None,
             "model": model_name, "model_hash": model_hash, "plugin_version": PLUGIN_VERSION,
             "max_batch": plan.max_batch, "max_context": plan.max_context, "dtype": profile.dtype,
+            "weights": weights,
             "prefill_chunk": profile.prefill_chunk,
             "sparse": plan.sparse, "kv_cache_bytes": plan.kv_bytes, "config_overrides": sorted(overrides),
             "backend": "onnxruntime" if portable else "tensorrt",

@@ -181,13 +181,9 @@ def export(opts: ExportOptions, progress=lambda stage: None) -> Path:
     from export.quantized import WEIGHT_FORMATS, quantize_model, set_export_flavor, weights_info
     if opts.weights not in WEIGHT_FORMATS:
         raise CheckpointError(f"--weights: {opts.weights!r} is not one of {', '.join(WEIGHT_FORMATS)}")
-    if opts.weights == "int4":
-        progress(f"quantizing projections to int4 (round-to-nearest, groups of {opts.group_size})")
-        quantize_model(model, opts.group_size)
-    int4 = weights_info(model)["format"] == "int4"
+    int4 = weights_info(model)["format"] == "int4"  # a GPTQ/AWQ checkpoint
     if int4 and opts.ternary == "packed":
-        raise CheckpointError("--ternary packed: the projections are int4 (--weights int4 or a GPTQ/AWQ checkpoint)")
-    set_export_flavor(model, opts.flavor)
+        raise CheckpointError("--ternary packed: the projections are int4 (a GPTQ/AWQ checkpoint)")
     packed = False
     if opts.ternary != "off" and opts.flavor == "trt" and not int4:
         from export.transforms import pack_ternary
@@ -199,6 +195,12 @@ def export(opts: ExportOptions, progress=lambda stage: None) -> Path:
             if opts.ternary == "packed":
                 raise CheckpointError(f"--ternary packed: {e}") from None
             model = load_model(model_dir, DTYPES[opts.dtype], config=config)  # dense: start again unpacked
+    if opts.weights == "int4" and packed:
+        progress("the projections are ternary: packed at 2 bits (exact), not quantized to int4")
+    elif opts.weights == "int4":
+        progress(f"quantizing projections to int4 (round-to-nearest, groups of {opts.group_size})")
+        quantize_model(model, opts.group_size)
+    set_export_flavor(model, opts.flavor)
     if not opts.sparse:
         config.sparse = model.config.sparse = None
     if opts.flavor == "trt" and config.sparse is not None and config.sparse.revision != 1:

@@ -79,6 +79,11 @@ def test_orin_bundle_is_complete_but_the_engine(bundles):
     assert (manifest["sm"], manifest["trt_flavour"], manifest["trt_min_version"]) == (87, "tensorrt", "10.3")
     assert {"model.onnx", "export.json", "tokenizer.json", "golden.json", "profile.yaml"} <= set(manifest["files"])
     assert not (bundles["orin"] / "engine.plan").exists()
+    # the AGX Orin profile's int4 weights: the float tiny model is quantized at export, the plugin carries it
+    assert manifest["weights"]["format"] == "int4" and manifest["weights"]["source"] == ["rtn"]
+    import onnx
+    graph = onnx.load(str(bundles["orin"] / "model.onnx"), load_external_data=False).graph
+    assert sum(n.op_type == "CpmInt4Gemm" for n in graph.node) == 7 * 2  # q k v o gate up down, 2 layers
 
 
 def test_tampered_file_is_refused(bundles, tmp_path, capsys):

@@ -13,6 +13,16 @@ pytest_plugins = ["mqtt_fixtures"]  # a Mosquitto per test and a scripted backen
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+# One Triton cache for the whole session: every ahead-of-time build for the same target (tests/test_aot.py,
+# the bundles of tests/test_engine_bundle.py, ...) compiles the same configurations; Triton's own cache keys
+# them by source, target and options, so a later build of sm_87 reuses the first one's cubins.
+if "TRITON_CACHE_DIR" not in os.environ:
+    import atexit
+    import shutil
+    import tempfile
+
+    os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="cpm-edge-tests-triton-")
+    atexit.register(shutil.rmtree, os.environ["TRITON_CACHE_DIR"], ignore_errors=True)
 
 
 def pytest_report_header(config):

@@ -46,7 +46,7 @@ def test_compile_every_engine_kernel_for_orin(orin_kernels):
     # Both the dense and the sparse attention kernel exist for every shape, in both dtypes.
     dense = {k["config"] for k in report["kernels"] if k["config"].endswith("dense1")}
     assert any("head_dim128" in c and "bf16" in c for c in dense)
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".triton-cache", "kernels"]  # no half-written output
+    assert {p.name for p in tmp_path.iterdir()} - {".triton-cache"} == {"kernels"}  # no half-written output
 
 
 def test_bad_target_is_refused(tmp_path):

@@ -65,7 +65,7 @@ demo: setup
 	$(CPM) tiny $(BUILD)/demo/tiny-dense --force
 	$(CPM) export $(BUILD)/demo/tiny-dense --out $(BUILD)/demo/export --max-seq 1024 --force
 	$(PY) -m agent.demo --bundle $(BUILD)/demo/export --prompt "Which block should the robot pick up?" \
-		--chat --max-tokens 48 --temperature 0.8 --top-p 0.9 --seed 7
+		--chat --max-tokens 48 --temperature 0.8 --top-p 0.9 --seed 7 --schema-demo
 
 engine: setup
 	@test -n "$(DEVICE)" || { echo "make engine: set DEVICE to a profile: $$(ls devices/*/*.yaml | xargs -n1 basename | sed 's/.yaml//' | tr '\n' ' ')"; exit 2; }

@@ -20,7 +20,7 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 from paho.mqtt.packettypes import PacketTypes
 
@@ -47,6 +47,8 @@ class Answer:
     finish_reason: str
     usage: dict = field(default_factory=dict)
     timings: dict = field(default_factory=dict)
+    parsed: Any = None               # the JSON value, when the request gave a response_format and it parsed
+    reasoning: Optional[str] = None  # a thinking template's <think> part, apart from text
 
 
 class Pending:
@@ -89,7 +91,7 @@ class Pending:
             elif kind == "done":
                 text = msg.get("text", "")
                 self.answer = Answer(self.id, text, msg.get("finish_reason", ""), msg.get("usage", {}),
-                                     msg.get("timings", {}))
+                                     msg.get("timings", {}), msg.get("parsed"), msg.get("reasoning"))
                 self.client._forget(self)
                 if text.startswith(self._shown) and len(text) > len(self._shown):
                     yield text[len(self._shown):]

@@ -3,11 +3,12 @@
 The broker is Mosquitto when its binary is installed (unless CPM_EDGE_DEMO_BROKER=embedded), else the embedded MQTT 3.1.1 broker (agent/broker.py)
 with agent and client on MQTT 3.1.1. Everything listens on 127.0.0.1 only and is stopped at the end.
 
-    python -m agent.demo --bundle DIR | --torch-model DIR  [--prompt TEXT] [ask options ...]
+    python -m agent.demo --bundle DIR | --torch-model DIR  [--prompt TEXT] [--schema-demo] [ask options ...]
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import signal
@@ -17,6 +18,13 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+
+# What a robot's code can act on: which block, how sure (0-100), whether to grip now.
+DEMO_SCHEMA = {"type": "object", "properties": {"block": {"enum": ["red", "green", "blue"]},
+                                                "confidence": {"type": "integer", "minimum": 0, "maximum": 100},
+                                                "grip": {"type": "boolean"}},
+               "required": ["block", "confidence", "grip"], "additionalProperties": False}
 
 
 def _free_port() -> int:
@@ -55,6 +63,8 @@ def main(argv=None) -> int:
     model.add_argument("--torch-model")
     p.add_argument("--prompt", default="Which block should the robot pick up?")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for the agent to come online")
+    p.add_argument("--schema-demo", action="store_true",
+                   help="then ask once more for JSON valid against DEMO_SCHEMA (structured output)")
     args, ask_args = p.parse_known_args(argv)
     cpm = [sys.executable, "-m", "cli.main"]
     with tempfile.TemporaryDirectory(prefix="cpm-demo-") as tmp:
@@ -71,8 +81,14 @@ def main(argv=None) -> int:
                     if agent.poll() is not None or time.monotonic() > deadline:
                         print("demo: the agent did not come online", file=sys.stderr)
                         return 1
-            return subprocess.call(cpm + ["ask", "--broker", url, "--device", "demo", "--mqtt-version", version,
-                                          *ask_args, args.prompt])
+            ask = cpm + ["ask", "--broker", url, "--device", "demo", "--mqtt-version", version]
+            code = subprocess.call(ask + [*ask_args, args.prompt])
+            if code == 0 and args.schema_demo:
+                print(f"demo: the same agent, constrained to the JSON Schema {json.dumps(DEMO_SCHEMA)}",
+                      file=sys.stderr)
+                code = subprocess.call(ask + ["--json-schema", json.dumps(DEMO_SCHEMA), "--max-tokens", "96",
+                                              "--temperature", "0", args.prompt])
+            return code
         finally:
             if agent.poll() is None:
                 agent.send_signal(signal.SIGTERM)

@@ -3,6 +3,7 @@ API) and `ask` (a prompt from any machine)."""
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import threading
 from pathlib import Path
@@ -146,6 +147,8 @@ def ask_arguments(p: argparse.ArgumentParser):
     p.add_argument("--top-k", type=int, help="sample among the K most likely tokens")
     p.add_argument("--seed", type=int, help="sampling seed")
     p.add_argument("--stop", action="append", help="stop at this text (repeatable)")
+    p.add_argument("--json-schema", metavar="SCHEMA",
+                   help="answer JSON valid against this JSON Schema (the schema's text, or @FILE)")
     p.add_argument("--timeout", type=float, default=30.0, help="seconds without any reply before giving up (30)")
 
 
@@ -164,6 +167,8 @@ def ask(args) -> int:
                          mqtt_version=args.mqtt_version, prefix=args.prefix, pool=args.pool)
     params = {"max_tokens": args.max_tokens, "temperature": args.temperature, "top_p": args.top_p,
               "top_k": args.top_k, "seed": args.seed, "stop": args.stop}
+    if args.json_schema:
+        params["response_format"] = {"type": "json_schema", "json_schema": {"schema": _json_schema(args.json_schema)}}
     if args.system or args.chat:
         messages = ([{"role": "system", "content": args.system}] if args.system else []) + \
                    [{"role": "user", "content": args.prompt}]
@@ -186,7 +191,26 @@ def ask(args) -> int:
     print(f"[{u.get('prompt_tokens')} prompt tokens, {u.get('completion_tokens')} generated, finish: "
           f"{answer.finish_reason}, first token {t.get('ttft_ms', 0):.0f} ms, "
           f"{t.get('tokens_per_s', 0):.1f} tok/s]", file=sys.stderr)
+    if args.json_schema:
+        print(f"[parsed: {json.dumps(answer.parsed)}]" if answer.parsed is not None else
+              "[no JSON value: the answer was cut by --max-tokens]", file=sys.stderr)
     return 0
+
+
+def _json_schema(text: str):
+    """--json-schema's value: the schema itself, or @FILE holding it."""
+    if text.startswith("@"):
+        try:
+            text = Path(text[1:]).read_text()
+        except OSError as e:
+            raise AgentInputError(f"--json-schema {text}: cannot read ({e.strerror})") from None
+    try:
+        schema = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise AgentInputError(f"--json-schema: not JSON ({e.msg} at character {e.pos})") from None
+    if not isinstance(schema, dict):
+        raise AgentInputError("--json-schema: a JSON Schema is an object")
+    return schema
 
 
 COMMANDS = [

@@ -37,6 +37,14 @@ def test_ask_errors_exit_non_zero_with_the_message(broker, run_agent):
     assert out.returncode == 2 and out.stderr.count("\n") == 1 and "--broker" in out.stderr
 
 
+@pytest.mark.parametrize("schema, needle", [("{not json", "--json-schema: not JSON"),
+                                             ("[1, 2]", "a JSON Schema is an object"),
+                                             ("@/nonexistent/schema.json", "--json-schema @/nonexistent/schema.json")])
+def test_ask_bad_json_schema_exits_2_before_connecting(schema, needle):
+    out = run("ask", "--broker", "mqtt://127.0.0.1:9", "--device", "dev1", "--json-schema", schema, "Which block?")
+    assert out.returncode == 2 and needle in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr
+
+
 def test_agent_bad_configuration_exits_2(tmp_path):
     out = run("agent", "--torch-model", str(tmp_path), "--device-id", "a/b")
     assert out.returncode == 2 and "--device-id" in out.stderr

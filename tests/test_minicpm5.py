@@ -229,7 +229,7 @@ def test_make_demo_path_answers_over_mosquitto(tiny_models, tmp_path):
                    timeout=300, capture_output=True)
     prompt = "Which block should the robot pick up? 机器人"
     proc = subprocess.run([sys.executable, "-m", "agent.demo", "--bundle", str(export_dir), "--prompt", prompt,
-                           "--chat", "--max-tokens", "24", "--temperature", "0"],
+                           "--chat", "--max-tokens", "24", "--temperature", "0", "--schema-demo"],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Mosquitto" in proc.stderr
@@ -238,5 +238,13 @@ def test_make_demo_path_answers_over_mosquitto(tiny_models, tmp_path):
     assert ids[0] == 0
     expected = generate(TorchBackend(load_model(folder), max_batch=1, max_seq=256), tok, [ids],
                         [SamplingParams(max_tokens=24)])[0]
-    assert proc.stdout[:-1] == expected.text  # `ask` ends the streamed answer with one newline
+    answer, constrained = proc.stdout[:-1].rsplit("\n", 1)  # `ask` ends each streamed answer with one newline
+    assert answer == expected.text
+    # --schema-demo (make demo's second question): JSON the robot's code can act on, whatever the weights
+    import jsonschema
+
+    from agent.demo import DEMO_SCHEMA
+    value = json.loads(constrained)
+    jsonschema.validate(value, DEMO_SCHEMA)
+    assert f"[parsed: {json.dumps(value)}]" in proc.stderr
     assert f"[{len(ids)} prompt tokens, {len(expected.token_ids)} generated" in proc.stderr

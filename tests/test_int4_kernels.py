@@ -198,7 +198,10 @@ def test_onnxruntime_runs_the_plugin_nodes(mode, tmp_path, seed):
 
 def test_plugin_enqueue_builds_the_plan_the_tests_execute(monkeypatch):
     """CpmInt4Gemm's enqueue makes plans.int4_plan from TensorRT's tensor descriptions and hands it, with
-    TensorRT's pointers, to the GPU executor (recorded here: no GPU)."""
+    TensorRT's pointers, to the GPU executor (recorded here: no GPU). What the recorder hides is checked for
+    real elsewhere: the same plans run in Triton's interpreter against the reference (this file), and the
+    executor's argument packing is compared with each compiled kernel's PTX .param list (tests/test_aot.py);
+    the driver launch itself needs a GPU (make gpu-check)."""
     trt = pytest.importorskip("tensorrt_rtx", reason="TensorRT-RTX (tensorrt-rtx-cu13) is not installed")
     from trt_plugins import tensorrt_plugins as tp
 

@@ -519,17 +519,18 @@ def check_attention_plan(ctx: Context, model: str, dtype: str, sparse: bool, exe
     return {"steps": steps, "pass": all(s["pass"] for s in steps)}
 
 
-def check_ternary_plan(ctx: Context, dtype: str, execute) -> dict:
+def _gemm_plan_cases(case_fn, cases, ctx: Context, dtype: str, execute) -> dict:
+    """A GEMM plugin's plan carried out by `execute` on each case, y against the case's reference."""
     def run(_x, _p, plan, tensors):
         execute(plan, tensors)
         return tensors["y"]
-    results = [ternary_case(ctx, dtype, case, run) for case in ctx.sizes.ternary_cases]
+    results = [case_fn(ctx, dtype, case, run) for case in cases]
     return {"cases": results, "pass": all(r["pass"] for r in results)}
+
+
+def check_ternary_plan(ctx: Context, dtype: str, execute) -> dict:
+    return _gemm_plan_cases(ternary_case, ctx.sizes.ternary_cases, ctx, dtype, execute)
 
 
 def check_int4_plan(ctx: Context, dtype: str, execute) -> dict:
-    def run(_x, _p, plan, tensors):
-        execute(plan, tensors)
-        return tensors["y"]
-    results = [int4_case(ctx, dtype, case, run) for case in ctx.sizes.int4_cases]
-    return {"cases": results, "pass": all(r["pass"] for r in results)}
+    return _gemm_plan_cases(int4_case, ctx.sizes.int4_cases, ctx, dtype, execute)

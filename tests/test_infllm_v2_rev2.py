@@ -238,7 +238,10 @@ def test_prefill_equals_decode_and_differs_from_revision_1(tmp_path, seed):
         rev1.config.sparse = InfLLMv2Config(**{**REV2, "revision": 1})
         use_sparse_attention(rev1)
         rev1.setup_cache(1, T)
-        assert (rev1(ids, torch.arange(T)[None])[:, -1] - full[:, -1]).abs().max() > 1e-3
+        # Past 384 the window's lower block is forced in revision 2 but only a candidate in revision 1: most
+        # of those rows (not necessarily the last one) pick different blocks.
+        differs = (rev1(ids, torch.arange(T)[None])[0] - full[0]).abs().amax(dim=-1) > 1e-3
+        assert int(differs[384:].sum()) >= 10 and not bool(differs[:REV2["dense_len"]].any())
 
 
 def test_incremental_key_sets_equal_full_compression(seed):

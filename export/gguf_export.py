@@ -32,7 +32,13 @@ merges "a b", added special tokens CONTROL and other added tokens USER_DEFINED, 
 "minicpm5" (llama.cpp b9354 and later), the pre-tokenizer whose regexes llama.cpp quotes from MiniCPM5's
 tokenizer.json; a tokenizer.json with another pre-tokenizer is refused.
 
-    python -m export.gguf_export MODEL_DIR OUT.gguf [--dtype f32|f16]
+Q4_0 (`--dtype q4_0`): the attention and MLP projections in blocks of 32 inputs, each an fp16 scale d and 32
+4-bit codes (value = (code - 8) * d; byte j of a block holds element j in its low nibble and element j + 16 in
+its high one, ggml's block_q4_0), quantized by trt_plugins/int4/reference.quantize_rtn, the very function
+`cpm-edge export --weights int4 --group-size 32` uses: both files then hold the same numbers. Embeddings,
+norms and the lm_head stay f32, as the kit's int4 exports keep them float.
+
+    python -m export.gguf_export MODEL_DIR OUT.gguf [--dtype f32|f16|q4_0]
 """
 from __future__ import annotations
 
@@ -54,7 +60,8 @@ BYTE_LEVEL_PRE = {
     (r"\p{N}{1,3}", r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}+| ?[^\s\p{L}\p{N}]+[\r\n]*"
                     r"|\s*[\r\n]+|\s+(?!\S)|\s+"): "minicpm5",
 }
-DTYPES = ("f32", "f16")
+DTYPES = ("f32", "f16", "q4_0")
+Q4_0_BLOCK = 32  # inputs per Q4_0 block (ggml QK4_0)
 # HF tensor name (after "model.layers.{i}.") -> llama.cpp tensor name (after "blk.{i}.")
 LAYER_TENSORS = {
     "input_layernorm.weight": "attn_norm.weight",
@@ -85,6 +92,20 @@ def rope_pairs_from_halves(w: np.ndarray, n_heads: int) -> np.ndarray:
     out_f, in_f = w.shape
     d = out_f // n_heads
     return w.reshape(n_heads, 2, d // 2, in_f).swapaxes(1, 2).reshape(out_f, in_f)
+
+
+def q4_0_blocks(weight: torch.Tensor) -> np.ndarray:
+    """(N, K) float -> (N, K / 32 * 18) uint8: ggml block_q4_0 rows of quantize_rtn's groups of 32."""
+    from trt_plugins.int4.reference import codes_of, quantize_rtn
+
+    N, K = weight.shape
+    if K % Q4_0_BLOCK:
+        raise CheckpointError(f"q4_0: in_features {K} is not a multiple of {Q4_0_BLOCK}")
+    packed = quantize_rtn(weight.float(), Q4_0_BLOCK, symmetric=True, scale_dtype=torch.float16)
+    codes = codes_of(packed).to(torch.uint8).reshape(N, K // Q4_0_BLOCK, 2, Q4_0_BLOCK // 2)  # (N, G, half, 16)
+    qs = (codes[:, :, 0] | (codes[:, :, 1] << 4)).numpy()  # (N, G, 16): element j low, j + 16 high
+    d = packed.scales.numpy().astype(np.float16).view(np.uint8).reshape(N, -1, 2)  # (N, G, 2) little-endian
+    return np.ascontiguousarray(np.concatenate([d, qs], axis=-1).reshape(N, -1))
 
 
 def rope_settings(c: MiniCPMConfig) -> dict:
@@ -211,13 +232,19 @@ def add_byte_level_vocab(w, model_dir: Path, c: MiniCPMConfig, tok_config: dict)
 
 
 def write_gguf(model_dir: str | Path, out: str | Path, dtype: str = "f32") -> Path:
-    """Write model_dir as a GGUF at `out` (f32, or f16 matrices with f32 norms and factors)."""
+    """Write model_dir as a GGUF at `out`: f32; f16 matrices with f32 norms and factors; or q4_0 projections
+    (quantize_rtn's groups of 32) with everything else f32."""
     import gguf
 
     if dtype not in DTYPES:
         raise CheckpointError(f"--dtype: {dtype!r} is not one of {', '.join(DTYPES)}")
     model_dir, out = Path(model_dir), Path(out)
     c = load_config(model_dir)
+    from export.quantized import read_quant_config
+    spec = read_quant_config(model_dir)
+    if spec is not None:
+        raise CheckpointError(f"{spec.source}: the checkpoint is already quantized ({spec.method}); the GGUF writer "
+                              f"reads float weights (write --dtype q4_0 from the float checkpoint)")
     if c.sparse is not None:
         print(f"gguf: {model_dir} has a sparse_config; llama.cpp has no InfLLM v2, it will attend densely",
               file=sys.stderr)
@@ -244,7 +271,8 @@ def write_gguf(model_dir: str | Path, out: str | Path, dtype: str = "f32") -> Pa
     else:  # llama.cpp's llama reads head_dim here; its default n_embd / n_head is not MiniCPM5's
         w.add_key_length(c.head_dim)
         w.add_value_length(c.head_dim)
-    w.add_file_type(gguf.LlamaFileType.ALL_F32 if dtype == "f32" else gguf.LlamaFileType.MOSTLY_F16)
+    w.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+                     "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0}[dtype])
     rope = rope_settings(c)
     if rope:
         w.add_rope_scaling_type(gguf.RopeScalingType.LONGROPE)
@@ -262,6 +290,12 @@ def write_gguf(model_dir: str | Path, out: str | Path, dtype: str = "f32") -> Pa
         w.add_chat_template(template)
 
     def add(name: str, t: torch.Tensor, permute_heads: int = 0):
+        if dtype == "q4_0" and name.startswith("blk.") and t.dim() == 2:  # the seven projections of a layer
+            blocks = q4_0_blocks(t)
+            if permute_heads:  # whole rows move, so the blocks move with them
+                blocks = rope_pairs_from_halves(blocks, permute_heads)
+            w.add_tensor(name, np.ascontiguousarray(blocks), raw_dtype=gguf.GGMLQuantizationType.Q4_0)
+            return
         a = t.to(torch.float32).numpy()
         if permute_heads:
             a = rope_pairs_from_halves(a, permute_heads)
@@ -302,7 +336,8 @@ def main(argv=None) -> int:
     p.add_argument("model_dir")
     p.add_argument("out", help="the .gguf file to write")
     p.add_argument("--dtype", choices=DTYPES, default="f32",
-                   help="f32, or f16 matrices (norms and RoPE factors stay f32)")
+                   help="f32; f16 matrices (norms and RoPE factors stay f32); q4_0 projections (the values of "
+                        "`cpm-edge export --weights int4 --group-size 32`)")
     args = p.parse_args(argv)
     try:
         write_gguf(args.model_dir, args.out, args.dtype)

@@ -35,8 +35,9 @@ def test_compile_every_engine_kernel_for_orin(orin_kernels):
     report = json.loads((out / "report.json").read_text())
     assert report["targets"] == ["sm_87"] and report["ptx_version"] == 85 and report["unaccepted_spills"] == []
     kinds = {k["kernel"] for k in report["kernels"]}
-    assert kinds == {"block_attention_kernel", "stage1_scores_kernel", "ternary_matmul_kernel", "cache_write_kernel",
-                     "compress_keys_kernel", "select_blocks_kernel", "int4_matmul_kernel"}
+    assert kinds == {"block_attention_kernel", "stage1_scores_kernel", "stage1_scores_lse_kernel",
+                     "ternary_matmul_kernel", "cache_write_kernel", "compress_keys_kernel", "select_blocks_kernel",
+                     "int4_matmul_kernel"}
     for k in report["kernels"]:
         ptx = (out / "sm_87" / f"{k['config']}.ptx").read_text()
         assert ".version 8.5" in ptx and ".target sm_87" in ptx and f".entry {k['entry']}" in ptx
@@ -81,8 +82,10 @@ def test_gpu_argument_packing_matches_each_compiled_kernel(orin_kernels, seed):
     assert proc.returncode == 0, proc.stderr
     folder = tmp_path / "kernels" / "sm_87"
     tiny = InfLLMv2Config(kernel_size=16, kernel_stride=8, block_size=32, window_size=64, topk=4, dense_len=128)
+    tiny2 = InfLLMv2Config(kernel_size=16, kernel_stride=8, block_size=32, window_size=64, topk=4, dense_len=128,
+                           revision=2)  # MiniCPM4.1: the log-sum-exp stage 1 and REVISION=2 selection
     cases = [plans.attention_plan(plans.AttentionShape(2, t, 4, 2, 256, 64), dtype, sparse)
-             for t in (1, random.randint(2, 300)) for dtype in ("fp16", "bf16") for sparse in (None, tiny)]
+             for t in (1, random.randint(2, 300)) for dtype in ("fp16", "bf16") for sparse in (None, tiny, tiny2)]
     cases += [plans.ternary_plan(random.randint(1, 40), 768, 256, 64, groups, group, "fp16")
               for group, groups in ((0, 1), (32, 8), (128, 2))]
     cases += [plans.int4_plan(rows, 768, 512, group, zeros, dtype)  # GEMV and GEMM tiles, with and without zeros

@@ -68,13 +68,15 @@ def engine_configs(shapes=ATTENTION_SHAPES, dtypes=DTYPES) -> list[KernelConfig]
             configs.setdefault(launch.config.name, launch.config)
 
     for _, head_dim, group, block in shapes:
-        sparse = InfLLMv2Config(kernel_size=2 * block // SPARSE_RATIO, kernel_stride=block // SPARSE_RATIO,
-                                block_size=block, window_size=block, topk=2, dense_len=0)
+        sparse = [InfLLMv2Config(kernel_size=2 * block // SPARSE_RATIO, kernel_stride=block // SPARSE_RATIO,
+                                 block_size=block, window_size=block, topk=2, dense_len=0, revision=revision)
+                  for revision in (1, 2)]  # 2 (MiniCPM4.1): the log-sum-exp stage 1, its own selection rule
         for dtype in dtypes:
             shape = plans.AttentionShape(1, 1, group, 1, 16 * block, head_dim)
             add(plans.attention_plan(shape, dtype, None))
             for width in SELECT_WIDTHS:  # cache capacities whose block count needs each compiled row width
-                add(plans.attention_plan(plans.AttentionShape(1, 1, group, 1, width * block, head_dim), dtype, sparse))
+                for cfg in sparse:
+                    add(plans.attention_plan(plans.AttentionShape(1, 1, group, 1, width * block, head_dim), dtype, cfg))
     for dtype in dtypes:
         for group in TERNARY_GROUPS:
             add(plans.ternary_plan(1, 64, 128, 32, 1 if group == 0 else 128 // group, group, dtype))
@@ -106,6 +108,16 @@ SIGNATURES = {
         ("stride_ob", "i32"), ("stride_oh", "i32"), ("stride_ot", "i32"), ("stride_oj", "1"),
         ("n_kv_heads", "i32"), ("n_kernels", "i32"), ("n_tokens", "i32"), ("kernel_size", "i32"),
         ("kernel_stride", "i32"), ("dense_len", "i32"), ("scale", "fp32")],
+    "stage1_scores_lse_kernel": [
+        ("Q", "*T"), ("KC", "*fp32"), ("KC2", "*fp32"), ("POS", "*i64"), ("OUT", "*fp32"),
+        ("stride_qb", "i32"), ("stride_qh", "i32"), ("stride_qt", "i32"), ("stride_qd", "1"),
+        ("stride_kb", "i32"), ("stride_kh", "i32"), ("stride_kj", "i32"), ("stride_kd", "1"),
+        ("stride_cb", "i32"), ("stride_ch", "i32"), ("stride_cj", "i32"), ("stride_cd", "1"),
+        ("stride_pb", "i32"), ("stride_pt", "1"),
+        ("stride_ob", "i32"), ("stride_oh", "i32"), ("stride_ot", "i32"), ("stride_oj", "1"),
+        ("n_kv_heads", "i32"), ("n_kernels", "i32"), ("n_coarse", "i32"), ("n_tokens", "i32"),
+        ("kernel_size", "i32"), ("kernel_stride", "i32"), ("lse_kernel_size", "i32"), ("lse_kernel_stride", "i32"),
+        ("dense_len", "i32"), ("scale", "fp32")],
     "cache_write_kernel": [
         ("NEW", "*T"), ("CACHE", "*T"), ("POS", "*i64"),
         ("stride_nb", "i32"), ("stride_nt", "i32"), ("stride_nh", "i32"), ("stride_nd", "1"),
@@ -174,6 +186,9 @@ def compile_config(cfg: KernelConfig, target: Target):
                 attrs[(i,)] = [["tt.divisibility", 16]]
     for arg, value in cfg.constexprs:
         signature[arg], constexprs[arg] = "constexpr", value
+    for p in fn.params:  # constexprs a configuration leaves to the kernel's default (select's REVISION)
+        if p.name not in signature and p.is_constexpr and p.has_default:
+            signature[p.name], constexprs[p.name] = "constexpr", p.default
     missing = [a for a in fn.arg_names if a not in signature]
     if missing:
         raise RuntimeError(f"{cfg.kernel}: SIGNATURES lacks {missing}")

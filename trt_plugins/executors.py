@@ -8,6 +8,7 @@ that plan for real: `cpm-edge generate --plugins interpreter` and the tests do.
 from __future__ import annotations
 
 import importlib
+import inspect
 import os
 
 import torch
@@ -41,7 +42,8 @@ def run_launch(launch: Launch, tensors: dict[str, torch.Tensor]):
     constexprs = dict(launch.config.constexprs)
     if "UPCAST" in constexprs:
         constexprs["UPCAST"] = INTERPRETING
-    missing = [a for a in fn.arg_names if a not in values and a not in constexprs]
+    defaults = {n for n, p in inspect.signature(fn.fn).parameters.items() if p.default is not p.empty}
+    missing = [a for a in fn.arg_names if a not in values and a not in constexprs and a not in defaults]
     if missing:
         raise RuntimeError(f"{launch.config.name}: the plan gives no value for {missing}")
     fn[launch.grid](**values, **constexprs, num_warps=launch.config.num_warps)

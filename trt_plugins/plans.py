@@ -77,6 +77,11 @@ def n_kernels(cfg: InfLLMv2Config, capacity: int) -> int:
     return max(0, (capacity - cfg.kernel_size) // cfg.kernel_stride + 1)
 
 
+def n_coarse_kernels(cfg: InfLLMv2Config, capacity: int) -> int:
+    """Revision 2's coarse compressed keys a cache of `capacity` positions holds."""
+    return max(0, (capacity - cfg.lse_kernel_size) // cfg.lse_kernel_stride + 1)
+
+
 # --- the data --------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class KernelConfig:
@@ -173,19 +178,21 @@ def cache_write_launch(new: Ptr, new_strides, cache: Ptr, cache_strides, pos: Pt
 
 def compress_keys_launch(k: Ptr, k_strides, kc: Ptr, kc_strides, pos: Ptr, pos_strides, *, batch: int,
                          kv_heads: int, tokens: int, kernels: int, head_dim: int, dtype: str,
-                         cfg: InfLLMv2Config) -> Launch:
-    """Compressed keys completed by this call's positions, in place in KC (B, Hkv, NK, D) fp32.
+                         cfg: InfLLMv2Config, coarse: bool = False) -> Launch:
+    """Compressed keys completed by this call's positions, in place in KC (B, Hkv, NK, D) fp32; coarse:
+    revision 2's coarse keys (lse_kernel_size keys every lse_kernel_stride), the same kernel.
 
     Kernel j (keys j*stride .. j*stride + size - 1) is written by the call whose positions reach its last key,
     so a call of T consecutive positions writes at most T // stride + 1 kernels; the programs loop if a row
     has more (full compression: positions 0 .. S-1 given as a two-element row)."""
-    new = min(kernels, tokens // cfg.kernel_stride + 1)
+    size, stride = (cfg.lse_kernel_size, cfg.lse_kernel_stride) if coarse else (cfg.kernel_size, cfg.kernel_stride)
+    new = min(kernels, tokens // stride + 1)
     return _launch("compress_keys_kernel", "selection", dtype, {"HEAD_DIM": head_dim, "BLOCK_J": COMPRESS_BLOCK_J},
                    COMPRESS_WARPS, (max(1, cdiv(new, COMPRESS_BLOCK_J)), batch * kv_heads), {
                        "K": k, "KC": kc, "POS": pos, **_strides("k", "bhsd", k_strides),
                        **_strides("c", "bhjd", kc_strides), **_strides("p", "bt", pos_strides),
                        "n_kv_heads": kv_heads, "n_kernels": kernels, "n_tokens": tokens,
-                       "kernel_size": cfg.kernel_size, "kernel_stride": cfg.kernel_stride})
+                       "kernel_size": size, "kernel_stride": stride})
 
 
 def stage1_launch(q: Ptr, q_strides, kc: Ptr, kc_strides, pos: Ptr, pos_strides, out: Ptr, out_strides, *,
@@ -202,19 +209,39 @@ def stage1_launch(q: Ptr, q_strides, kc: Ptr, kc_strides, pos: Ptr, pos_strides,
             "dense_len": cfg.dense_len, "scale": 1.0 / head_dim ** 0.5})
 
 
+def stage1_lse_launch(q: Ptr, q_strides, kc: Ptr, kc_strides, kc2: Ptr, kc2_strides, pos: Ptr, pos_strides,
+                      out: Ptr, out_strides, *, batch: int, tokens: int, kv_heads: int, group: int, head_dim: int,
+                      kernels: int, coarse_kernels: int, dtype: str, cfg: InfLLMv2Config) -> Launch:
+    """Revision 2's stage-1 scores (B, Hkv, T, NK) fp32 of the visible compressed keys, normalised by the
+    log-sum-exp over the visible coarse keys KC2 (B, Hkv, NK2, D); rows below dense_len exit at once."""
+    return _launch("stage1_scores_lse_kernel", "attention", dtype, {
+        "GROUP": group, "GROUP_PAD": group_pad(group), "HEAD_DIM": head_dim, "BLOCK_J": STAGE1_BLOCK_J},
+        STAGE1_WARPS, (tokens, batch * kv_heads), {
+            "Q": q, "KC": kc, "KC2": kc2, "POS": pos, "OUT": out, **_strides("q", "bhtd", q_strides),
+            **_strides("k", "bhjd", kc_strides), **_strides("c", "bhjd", kc2_strides),
+            **_strides("p", "bt", pos_strides), **_strides("o", "bhtj", out_strides), "n_kv_heads": kv_heads,
+            "n_kernels": kernels, "n_coarse": coarse_kernels, "n_tokens": tokens, "kernel_size": cfg.kernel_size,
+            "kernel_stride": cfg.kernel_stride, "lse_kernel_size": cfg.lse_kernel_size,
+            "lse_kernel_stride": cfg.lse_kernel_stride, "dense_len": cfg.dense_len, "scale": 1.0 / head_dim ** 0.5})
+
+
 def select_launch(scores: Ptr, score_strides, pos: Ptr, pos_strides, idx: Ptr, idx_strides, cnt: Ptr, cnt_strides,
                   *, batch: int, tokens: int, kv_heads: int, kernels: int, blocks: int,
                   cfg: InfLLMv2Config) -> Launch:
-    """Block lists (ascending) and counts of one chunk of tokens; rows below dense_len exit at once."""
-    return _launch("select_blocks_kernel", "selection", "fp32", {
-        "RATIO": cfg.block_size // cfg.kernel_stride, "NB_PAD": nb_pad(blocks)}, select_warps(nb_pad(blocks)),
+    """Block lists (ascending) and counts of one chunk of tokens by cfg.revision's rule; rows below dense_len
+    exit at once. Revision 2 fills min(topk + window_blocks, blocks) places over every block."""
+    constexprs = {"RATIO": cfg.block_size // cfg.kernel_stride, "NB_PAD": nb_pad(blocks)}
+    n_pick = cfg.topk - cfg.init_blocks
+    if cfg.revision == 2:  # revision 1's launches name no REVISION (the kernel's default)
+        constexprs["REVISION"], n_pick = 2, min(cfg.max_selected, blocks)
+    return _launch("select_blocks_kernel", "selection", "fp32", constexprs, select_warps(nb_pad(blocks)),
         (tokens, batch * kv_heads), {
             "S": scores, "POS": pos, "IDX": idx, "CNT": cnt, **_strides("s", "bhtj", score_strides),
             **_strides("p", "bt", pos_strides), **_strides("i", "bhti", idx_strides),
             **_strides("c", "bht", cnt_strides), "n_kv_heads": kv_heads, "n_kernels": kernels,
             "n_tokens": tokens, "n_blocks": blocks, "block_size": cfg.block_size, "kernel_size": cfg.kernel_size,
             "kernel_stride": cfg.kernel_stride, "init_blocks": cfg.init_blocks,
-            "window_blocks": cfg.window_blocks, "n_pick": cfg.topk - cfg.init_blocks, "dense_len": cfg.dense_len})
+            "window_blocks": cfg.window_blocks, "n_pick": n_pick, "dense_len": cfg.dense_len})
 
 
 def block_attention_launch(q: Ptr, q_strides, k: Ptr, k_strides, v: Ptr, v_strides, o: Ptr, o_strides,
@@ -283,6 +310,7 @@ class AttentionShape:
     capacity: int     # S: positions in the cache
     head_dim: int
     kernels: int = -1  # NK: compressed keys the state holds; -1: all a cache of `capacity` can have
+    coarse_kernels: int = -1  # NK2 (revision 2): coarse compressed keys the state holds; -1: all it can have
 
 
 def _workspace(sizes: list[tuple[str, str, int]]) -> list[Buffer]:
@@ -301,10 +329,9 @@ def attention_plan(shape: AttentionShape, dtype: str, sparse: InfLLMv2Config | N
     (B, Hkv, S, D) state; positions (B, T) int64 — a row's positions in one call are consecutive. Sparse
     models add kc (B, Hkv, NK, D) fp32 state, the compressed keys, extended by the kernels this call
     completes, and workspace for one chunk of SPARSE_CHUNK tokens: stage-1 scores, block lists, counts.
+    Revision 2 (MiniCPM4.1) adds kc2 (B, Hkv, NK2, D) fp32 state, the coarse keys stage 1 normalises with,
+    extended the same way, and selects by its own rule; its workspace is revision 1's.
     """
-    if sparse is not None and sparse.revision != 1:
-        raise ValueError(f"InfLLM v2 revision {sparse.revision} (MiniCPM4.1) has no Triton kernels yet: only "
-                         f"the torch reference and the portable ONNX flavor run it")
     B, T, H, Hkv, S, D = (shape.batch, shape.tokens, shape.heads, shape.kv_heads, shape.capacity, shape.head_dim)
     G = H // Hkv
     buffers = [Buffer("q", dtype, B * T * H * D, "input"), Buffer("k", dtype, B * T * Hkv * D, "input"),
@@ -330,18 +357,33 @@ def attention_plan(shape: AttentionShape, dtype: str, sparse: InfLLMv2Config | N
     width = min(NB, cfg.max_selected)
     kc = (Hkv * NK * D, NK * D, D, 1)
     buffers.append(Buffer("kc", "fp32", B * Hkv * NK * D, "state"))
+    rev2 = cfg.revision == 2
+    if rev2:
+        NK2 = shape.coarse_kernels if shape.coarse_kernels >= 0 else n_coarse_kernels(cfg, S)
+        kc2 = (Hkv * NK2 * D, NK2 * D, D, 1)
+        buffers.append(Buffer("kc2", "fp32", B * Hkv * NK2 * D, "state"))
     buffers += _workspace([("scores", "fp32", B * Hkv * chunk * NK), ("block_idx", "i32", B * Hkv * chunk * width),
                            ("block_cnt", "i32", B * Hkv * chunk)])
     launches.append(compress_keys_launch(Ptr("k_cache"), cache, Ptr("kc"), kc, Ptr("positions"), pos, batch=B,
                                          kv_heads=Hkv, tokens=T, kernels=NK, head_dim=D, dtype=dtype, cfg=cfg))
+    if rev2:
+        launches.append(compress_keys_launch(Ptr("k_cache"), cache, Ptr("kc2"), kc2, Ptr("positions"), pos,
+                                             batch=B, kv_heads=Hkv, tokens=T, kernels=NK2, head_dim=D, dtype=dtype,
+                                             cfg=cfg, coarse=True))
     for t0 in range(0, T, chunk):
         n = min(chunk, T - t0)
         q_t, pos_t = Ptr("q", t0 * H * D), Ptr("positions", t0)
         scores = (Hkv * n * NK, n * NK, NK, 1)
         idx = (Hkv * n * width, n * width, width, 1)
         cnt = (Hkv * n, n, 1)
-        launches.append(stage1_launch(q_t, seq, Ptr("kc"), kc, pos_t, pos, Ptr("scores"), scores, batch=B,
-                                      tokens=n, kv_heads=Hkv, group=G, head_dim=D, kernels=NK, dtype=dtype, cfg=cfg))
+        if rev2:
+            launches.append(stage1_lse_launch(q_t, seq, Ptr("kc"), kc, Ptr("kc2"), kc2, pos_t, pos, Ptr("scores"),
+                                              scores, batch=B, tokens=n, kv_heads=Hkv, group=G, head_dim=D,
+                                              kernels=NK, coarse_kernels=NK2, dtype=dtype, cfg=cfg))
+        else:
+            launches.append(stage1_launch(q_t, seq, Ptr("kc"), kc, pos_t, pos, Ptr("scores"), scores, batch=B,
+                                          tokens=n, kv_heads=Hkv, group=G, head_dim=D, kernels=NK, dtype=dtype,
+                                          cfg=cfg))
         launches.append(select_launch(Ptr("scores"), scores, pos_t, pos, Ptr("block_idx"), idx, Ptr("block_cnt"), cnt,
                                       batch=B, tokens=n, kv_heads=Hkv, kernels=NK, blocks=NB, cfg=cfg))
         launches.append(block_attention_launch(

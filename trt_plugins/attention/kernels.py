@@ -74,6 +74,63 @@ def stage1_scores_kernel(
 
 
 @triton.jit
+def stage1_scores_lse_kernel(
+        Q, KC, KC2, POS, OUT,
+        stride_qb, stride_qh, stride_qt, stride_qd,
+        stride_kb, stride_kh, stride_kj, stride_kd,
+        stride_cb, stride_ch, stride_cj, stride_cd,
+        stride_pb, stride_pt,
+        stride_ob, stride_oh, stride_ot, stride_oj,
+        n_kv_heads, n_kernels, n_coarse, n_tokens, kernel_size, kernel_stride, lse_kernel_size,
+        lse_kernel_stride, dense_len, scale,
+        GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_J: tl.constexpr):
+    """Revision 2's stage 1: OUT[b, h, t, j] = sum over the group's heads of exp(q . kc[j] * scale - LSE) for
+    the visible kernels j < n_vis(pos), LSE the log-sum-exp of q . kc2[i] * scale over the visible coarse
+    keys (0 for every kernel while none is visible). Slots past n_vis are not written; rows below dense_len
+    exit at once, as in stage1_scores_kernel."""
+    t = tl.program_id(0)
+    b = tl.program_id(1) // n_kv_heads
+    h = tl.program_id(1) % n_kv_heads
+    pos = tl.load(POS + b * stride_pb + t * stride_pt)
+    last = tl.load(POS + b * stride_pb + (n_tokens - 1) * stride_pt)
+    if last + 1 >= dense_len:
+        n_vis = tl.where(pos >= kernel_size - 1, (pos - kernel_size + 1) // kernel_stride + 1, 0)
+        n_vis = tl.minimum(n_vis, n_kernels)
+        n_vis2 = tl.where(pos >= lse_kernel_size - 1, (pos - lse_kernel_size + 1) // lse_kernel_stride + 1, 0)
+        n_vis2 = tl.minimum(n_vis2, n_coarse)
+
+        g = tl.arange(0, GROUP_PAD)
+        d = tl.arange(0, HEAD_DIM)
+        q = tl.load(Q + b * stride_qb + (h * GROUP + g)[:, None] * stride_qh + t * stride_qt + d[None, :] * stride_qd,
+                    mask=g[:, None] < GROUP, other=0.0).to(tl.float32)
+
+        # Pass 1: the log-sum-exp per head over the visible coarse keys (online max and sum).
+        kc2_base = KC2 + b * stride_cb + h * stride_ch + d[None, :] * stride_cd
+        m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+        l = tl.zeros([GROUP_PAD], tl.float32)
+        for j0 in range(0, n_vis2, BLOCK_J):
+            j = j0 + tl.arange(0, BLOCK_J)
+            kc2 = tl.load(kc2_base + j[:, None] * stride_cj, mask=j[:, None] < n_vis2, other=0.0)
+            s = tl.dot(q, tl.trans(kc2), input_precision="ieee") * scale  # (GROUP_PAD, BLOCK_J)
+            s = tl.where(j[None, :] < n_vis2, s, float("-inf"))
+            m_new = tl.maximum(m, tl.max(s, axis=1))
+            l = l * tl.exp(m - m_new) + tl.sum(tl.exp(s - m_new[:, None]), axis=1)
+            m = m_new
+        lse = m + tl.log(tl.where(l > 0, l, 1.0))  # -inf while no coarse key is visible (l = 0, m = -inf)
+
+        # Pass 2: exp(logit - LSE) summed over the group's heads, for the visible kernels.
+        kc_base = KC + b * stride_kb + h * stride_kh + d[None, :] * stride_kd
+        out_base = OUT + b * stride_ob + h * stride_oh + t * stride_ot
+        for j0 in range(0, n_vis, BLOCK_J):
+            j = j0 + tl.arange(0, BLOCK_J)
+            kc = tl.load(kc_base + j[:, None] * stride_kj, mask=j[:, None] < n_vis, other=0.0)
+            s = tl.dot(q, tl.trans(kc), input_precision="ieee") * scale
+            p = tl.exp(s - lse[:, None])
+            p = tl.where((g[:, None] < GROUP) & (j[None, :] < n_vis) & (n_vis2 > 0), p, 0.0)
+            tl.store(out_base + j * stride_oj, tl.sum(p, axis=0), mask=j < n_vis)
+
+
+@triton.jit
 def block_attention_kernel(
         Q, K, V, O, POS, BLOCK_IDX, BLOCK_CNT,
         stride_qb, stride_qh, stride_qt, stride_qd,
@@ -200,6 +257,25 @@ def stage1_scores(q: torch.Tensor, kc: torch.Tensor, q_pos: torch.Tensor, cfg: I
     return out
 
 
+def stage1_scores_lse(q: torch.Tensor, kc: torch.Tensor, kc2: torch.Tensor, q_pos: torch.Tensor,
+                      cfg: InfLLMv2Config, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Triton version of reference.stage1_scores_lse (revision 2): (B, Hkv, T, NK) fp32 into `out` (zeros
+    when not given), which keeps its values where a kernel is not visible and in rows below dense_len."""
+    B, H, T, D = q.shape
+    Hkv, NK, NK2 = kc.shape[1], kc.shape[2], kc2.shape[2]
+    if out is None:
+        out = torch.zeros(B, Hkv, T, NK, device=q.device, dtype=torch.float32)
+    if NK == 0:
+        return out
+    pos = q_pos.to(torch.int64).contiguous()
+    launch = plans.stage1_lse_launch(Ptr("q"), q.stride(), Ptr("kc"), kc.stride(), Ptr("kc2"), kc2.stride(), Ptr("pos"),
+                                     pos.stride(), Ptr("out"), out.stride(), batch=B, tokens=T, kv_heads=Hkv,
+                                     group=H // Hkv, head_dim=D, kernels=NK, coarse_kernels=NK2,
+                                     dtype=DTYPE_NAMES[q.dtype], cfg=cfg)
+    run_launch(launch, {"q": q, "kc": kc, "kc2": kc2, "pos": pos, "out": out})
+    return out
+
+
 def block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor,
                     block_size: int, block_mask: torch.Tensor | None = None,
                     block_list: tuple[torch.Tensor, torch.Tensor] | None = None, dense_len: int = 0) -> torch.Tensor:
@@ -241,28 +317,40 @@ def infllm_v2_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos
                         cfg: InfLLMv2Config) -> torch.Tensor:
     """reference.infllm_v2_attention_ref over a whole key cache, every step a Triton kernel: compression of
     every kernel the rows' positions have completed, then the plugin's per-chunk stage 1, selection and block
-    attention (rows below dense_len attend densely)."""
+    attention (rows below dense_len attend densely); cfg.revision picks stage 1 and the selection rule."""
     from trt_plugins.attention import selection
 
     _check(q, k, v, q_pos)
     n_blocks = -(-k.shape[2] // cfg.block_size)
-    scores = stage1_scores(q, selection.compress_keys(k, cfg), q_pos, cfg)
+    kc = selection.compress_keys(k, cfg)
+    if cfg.revision == 2:
+        scores = stage1_scores_lse(q, kc, selection.compress_coarse_keys(k, cfg), q_pos, cfg)
+    else:
+        scores = stage1_scores(q, kc, q_pos, cfg)
     block_list = selection.select_blocks(scores, q_pos, cfg, n_blocks)
     return block_attention(q, k, v, q_pos, cfg.block_size, block_list=block_list, dense_len=cfg.dense_len)
 
 
 def cpm_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                  positions: torch.Tensor, kc: torch.Tensor | None, sparse: InfLLMv2Config | None) -> torch.Tensor:
+                  positions: torch.Tensor, kc: torch.Tensor | None, sparse: InfLLMv2Config | None,
+                  kc2: torch.Tensor | None = None) -> torch.Tensor:
     """The CpmAttention plugin's plan, executed with the Triton kernels: q (B, T, H*D), k, v (B, T, Hkv*D),
-    caches (B, Hkv, S, D) and kc (B, Hkv, NK, D) fp32 updated in place; returns out (B, T, H*D)."""
+    caches (B, Hkv, S, D), kc (B, Hkv, NK, D) fp32 and, for revision 2, kc2 (B, Hkv, NK2, D) fp32 updated in
+    place; returns out (B, T, H*D)."""
     B, T, HD = q.shape
     _, Hkv, S, D = k_cache.shape
     shape = plans.AttentionShape(B, T, HD // D, Hkv, S, D)
+    if sparse is not None and sparse.revision == 2:
+        if kc2 is None:
+            raise ValueError("InfLLM v2 revision 2 carries its coarse compressed keys kc2: none given")
+        shape = plans.AttentionShape(B, T, HD // D, Hkv, S, D, kc.shape[2], kc2.shape[2])
     plan = plans.attention_plan(shape, DTYPE_NAMES[q.dtype], sparse)
     out = torch.empty_like(q)
     tensors = {"q": q.contiguous(), "k": k.contiguous(), "v": v.contiguous(), "k_cache": k_cache,
                "v_cache": v_cache, "positions": positions.to(torch.int64).contiguous(), "out": out}
     if sparse is not None:
         tensors["kc"] = kc
+        if sparse.revision == 2:
+            tensors["kc2"] = kc2
     run_triton(plan, tensors)
     return out

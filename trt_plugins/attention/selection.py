@@ -1,8 +1,9 @@
 """Triton kernels for the rest of InfLLM v2's selection, so the TensorRT plugin needs no torch on the device:
 key compression, and block pooling + top-k with the reference's tie rule (lower block index first).
 
-Their definitions are reference.compress_keys, reference.block_scores and reference.select_blocks; the tests
-compare against those in Triton's interpreter.
+Their definitions are reference.compress_keys, reference.block_scores and reference.select_blocks (revision
+2: reference.compress_coarse_keys, the same compression kernel with lse_kernel_size/stride, and
+reference.select_blocks_rev2); the tests compare against those in Triton's interpreter.
 """
 from __future__ import annotations
 
@@ -55,12 +56,14 @@ def select_blocks_kernel(
         stride_cb, stride_ch, stride_ct,
         n_kv_heads, n_kernels, n_tokens, n_blocks, block_size, kernel_size, kernel_stride, init_blocks,
         window_blocks, n_pick, dense_len,
-        RATIO: tl.constexpr, NB_PAD: tl.constexpr):
+        RATIO: tl.constexpr, NB_PAD: tl.constexpr, REVISION: tl.constexpr = 1):
     """Blocks one token attends, ascending, into IDX[b, h, t, :] with their count in CNT[b, h, t].
 
     B[blk] = max(S[j]) for j in blk*RATIO - 1 .. blk*RATIO + RATIO - 1 over the visible kernels; then the init
     blocks, the window ending at the token's own block, and the n_pick best blocks before the window (equal
-    scores: the lower block first). A row whose kv length (its last position + 1) is below dense_len attends
+    scores: the lower block first). REVISION 2 (MiniCPM4.1): n_pick places over every block, the init blocks
+    and the window (own block and window_blocks before it) taken first, then blocks after the own block
+    dropped, so the count may fall short of n_pick. A row whose kv length (its last position + 1) is below dense_len attends
     densely: nothing is selected or written (block attention visits every block itself). NB_PAD (a power of
     two >= n_blocks) is the only size compiled in, with RATIO. Positions of a call ascend within a row, so its
     last token holds the row's largest position.
@@ -81,15 +84,25 @@ def select_blocks_kernel(
             j = blk * RATIO - 1 + i
             score = tl.maximum(score, tl.load(s_base + j * stride_sj, mask=(j >= 0) & (j < n_vis), other=0.0))
         causal = blk <= own
-        chosen = causal & ((blk < init_blocks) | (blk > own - window_blocks))
-        candidate = (blk <= own - window_blocks) & (blk >= init_blocks) & (blk < n_blocks)
-        ranked = tl.where(candidate, score, float("-inf"))
-        for _ in range(n_pick):
+        if REVISION == 2:
+            # The reference scores forced blocks +inf: they take the first places (at most init + window + 1
+            # <= n_pick of them), the rest go to the best others of all blocks, future ones included.
+            chosen = (blk < n_blocks) & ((blk < init_blocks) | (causal & (blk >= own - window_blocks)))
+            ranked = tl.where((blk < n_blocks) & ~chosen, score, float("-inf"))
+            n_left = n_pick - tl.sum(chosen.to(tl.int32), axis=0)
+        else:
+            chosen = causal & ((blk < init_blocks) | (blk > own - window_blocks))
+            candidate = (blk <= own - window_blocks) & (blk >= init_blocks) & (blk < n_blocks)
+            ranked = tl.where(candidate, score, float("-inf"))
+            n_left = n_pick
+        for _ in range(n_left):
             best = tl.max(ranked, axis=0)
             first = tl.min(tl.where(ranked == best, blk, NB_PAD), axis=0)  # equal scores: the lower block
             take = (blk == first) & (ranked > float("-inf"))  # nothing left to rank: take nothing
             chosen = chosen | take
             ranked = tl.where(take, float("-inf"), ranked)
+        if REVISION == 2:
+            chosen = chosen & causal  # blocks after the own block may have taken places: dropped
         slot = tl.cumsum(chosen.to(tl.int32), axis=0) - 1  # ascending order of the chosen blocks
         tl.store(IDX + b * stride_ib + h * stride_ih + t * stride_it + slot * stride_ii, blk, mask=chosen)
         tl.store(CNT + b * stride_cb + h * stride_ch + t * stride_ct, tl.sum(chosen.to(tl.int32), axis=0))
@@ -107,14 +120,25 @@ def compress_keys(k: torch.Tensor, cfg: InfLLMv2Config, n_kernels: int | None = 
     return kc
 
 
+def compress_coarse_keys(k: torch.Tensor, cfg: InfLLMv2Config) -> torch.Tensor:
+    """Triton version of reference.compress_coarse_keys (revision 2): (B, Hkv, NK2, D) fp32."""
+    B, Hkv, S, D = k.shape
+    kc2 = torch.empty(B, Hkv, plans.n_coarse_kernels(cfg, S), D, device=k.device, dtype=torch.float32)
+    if kc2.shape[2]:
+        pos = torch.tensor([[0, S - 1]], dtype=torch.int64, device=k.device).expand(B, 2).contiguous()
+        append_compressed_keys_(kc2, k, pos, cfg, coarse=True)
+    return kc2
+
+
 def append_compressed_keys_(kc: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
-                            cfg: InfLLMv2Config) -> torch.Tensor:
-    """In place: the compressed keys completed by `positions` (B, T), consecutive per row, from k (B, Hkv, S, D)."""
+                            cfg: InfLLMv2Config, coarse: bool = False) -> torch.Tensor:
+    """In place: the compressed keys completed by `positions` (B, T), consecutive per row, from k (B, Hkv, S, D);
+    coarse: revision 2's coarse keys (lse_kernel_size keys every lse_kernel_stride) instead."""
     B, Hkv, S, D = k.shape
     pos = positions.to(torch.int64).contiguous()
     launch = plans.compress_keys_launch(Ptr("k"), k.stride(), Ptr("kc"), kc.stride(), Ptr("pos"), pos.stride(),
                                         batch=B, kv_heads=Hkv, tokens=pos.shape[1], kernels=kc.shape[2],
-                                        head_dim=D, dtype=DTYPE_NAMES[k.dtype], cfg=cfg)
+                                        head_dim=D, dtype=DTYPE_NAMES[k.dtype], cfg=cfg, coarse=coarse)
     run_launch(launch, {"k": k, "kc": kc, "pos": pos})
     return kc
 
@@ -125,8 +149,8 @@ def max_selected(cfg: InfLLMv2Config, n_blocks: int) -> int:
 
 
 def select_blocks(scores: torch.Tensor, q_pos: torch.Tensor, cfg: InfLLMv2Config, n_blocks: int):
-    """Block lists (B, Hkv, T, width) int32 ascending, and their counts (B, Hkv, T) int32; rows below
-    dense_len get count 0 here (they attend densely without a list)."""
+    """Block lists (B, Hkv, T, width) int32 ascending, and their counts (B, Hkv, T) int32, by cfg.revision's
+    rule; rows below dense_len get count 0 here (they attend densely without a list)."""
     B, Hkv, T, NK = scores.shape
     pos = q_pos.to(torch.int64).contiguous()
     width = max_selected(cfg, n_blocks)

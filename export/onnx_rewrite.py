@@ -19,7 +19,6 @@ Docs: docs/export.md, "Graph rewrite for ONNX Runtime".
 from __future__ import annotations
 
 import collections
-import heapq
 import json
 import os
 import shutil
@@ -28,10 +27,11 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import helper
 
 from export.checkpoint import CheckpointError
 from export.onnx_export import EXTERNAL_DATA_BYTES
+from export.onnx_graph import Graph, attr, op_counts, other_input, scalar
 
 MS = "com.microsoft"
 FUSIONS = ("residual", "rms_norm", "skip_norm", "qkv", "rotary", "gate_up", "gqa_out")
@@ -41,179 +41,23 @@ class RewriteError(CheckpointError):
     """A folder this pass cannot rewrite; one line naming it."""
 
 
-class Graph:
-    """An index over an ONNX graph: producers, consumers, constants; nodes edited as a list, sorted at the end."""
-
-    def __init__(self, model: onnx.ModelProto):
-        self.model, self.graph = model, model.graph
-        self.nodes = list(self.graph.node)
-        self.inits = {t.name: t for t in self.graph.initializer}
-        self.inputs = {i.name for i in self.graph.input}
-        self.outputs = {o.name for o in self.graph.output}
-        self.types = {v.name: v.type for v in [*self.graph.value_info, *self.graph.input, *self.graph.output]}
-        self._cache: dict[str, np.ndarray] = {}
-        self._taken = {*self.inits, *self.inputs, *(o for n in self.nodes for o in n.output),
-                       *(n.name for n in self.nodes)}
-        self.index()
-
-    def index(self):
-        self.producer = {o: n for n in self.nodes for o in n.output if o}
-        self.consumers = collections.defaultdict(list)
-        for n in self.nodes:
-            for i in n.input:
-                if i:
-                    self.consumers[i].append(n)
-
-    def const(self, name: str) -> np.ndarray | None:
-        """The value of an initializer, a Constant, or a Reshape of constants; None for anything computed."""
-        if name in self._cache:
-            return self._cache[name]
-        value = None
-        if name in self.inits:
-            value = numpy_helper.to_array(self.inits[name])
-        elif (n := self.producer.get(name)) is not None and n.op_type == "Constant" and n.domain == "":
-            if n.attribute and n.attribute[0].name == "value":
-                value = numpy_helper.to_array(n.attribute[0].t)
-        elif n is not None and n.op_type == "Reshape" and n.domain == "":
-            data, shape = self.const(n.input[0]), self.const(n.input[1])
-            if data is not None and shape is not None and 0 not in shape.tolist():
-                value = data.reshape(shape.tolist())
-        if value is not None:
-            self._cache[name] = value
-        return value
-
-    def node(self, name: str, op: str, domain: str = "") -> onnx.NodeProto | None:
-        n = self.producer.get(name)
-        return n if n is not None and n.op_type == op and n.domain == domain else None
-
-    def sole_consumer(self, name: str) -> onnx.NodeProto | None:
-        users = self.consumers.get(name, [])
-        return users[0] if len(users) == 1 and name not in self.outputs else None
-
-    def only_used_by(self, nodes: list, within: list) -> bool:
-        """Every output of `nodes` is read by nodes of `within` only (and is no graph output)."""
-        inside = {id(n) for n in within}
-        return all(o not in self.outputs and all(id(u) in inside for u in self.consumers.get(o, []))
-                   for n in nodes for o in n.output if o)
-
-    def fresh(self, hint: str) -> str:
-        name, i = hint, 0
-        while name in self._taken:
-            i += 1
-            name = f"{hint}_{i}"
-        self._taken.add(name)
-        return name
-
-    def add_const(self, array: np.ndarray, hint: str) -> str:
-        name = self.fresh(hint)
-        tensor = numpy_helper.from_array(np.ascontiguousarray(array), name)
-        self.graph.initializer.append(tensor)
-        self.inits[name] = tensor
-        return name
-
-    def make(self, op: str, inputs: list, outputs: list, hint: str, domain: str = "", **attrs) -> onnx.NodeProto:
-        return helper.make_node(op, inputs, outputs, name=self.fresh(hint), domain=domain, **attrs)
-
-    def replace(self, old: list, new: list):
-        gone = {id(n) for n in old}
-        self.nodes = [n for n in self.nodes if id(n) not in gone] + list(new)
-        self.index()
-
-    def rename_uses(self, old: str, new: str):
-        for n in self.consumers.get(old, []):
-            for i, name in enumerate(n.input):
-                if name == old:
-                    n.input[i] = new
-
-    def same_shape(self, a: str, b: str) -> int:
-        """The rank when a and b have the same recorded shape (equal dims or dim names), else 0."""
-        ta, tb = self.types.get(a), self.types.get(b)
-        if ta is None or tb is None or not ta.tensor_type.HasField("shape") or not tb.tensor_type.HasField("shape"):
-            return 0
-        da, db = ta.tensor_type.shape.dim, tb.tensor_type.shape.dim
-        key = lambda d: d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
-        ka, kb = [key(d) for d in da], [key(d) for d in db]
-        return len(ka) if ka == kb and None not in ka else 0
-
-    def finish(self):
-        """Drop what no longer feeds an output, sort topologically, write the lists back."""
-        live, stack = set(self.outputs), list(self.outputs)
-        while stack:
-            n = self.producer.get(stack.pop())
-            if n is not None and id(n) not in live:
-                live.add(id(n))
-                for i in n.input:
-                    if i and i not in live:
-                        live.add(i)
-                        stack.append(i)
-        self.nodes = [n for n in self.nodes if id(n) in live]
-        self.index()
-        order = {id(n): k for k, n in enumerate(self.nodes)}
-        waiting = {id(n): sum(1 for i in set(n.input) if i in self.producer) for n in self.nodes}
-        ready = [(order[id(n)], n) for n in self.nodes if waiting[id(n)] == 0]
-        heapq.heapify(ready)
-        done = []
-        while ready:
-            _, n = heapq.heappop(ready)
-            done.append(n)
-            for o in n.output:
-                for u in {id(u): u for u in self.consumers.get(o, [])}.values():
-                    waiting[id(u)] -= sum(1 for i in set(u.input) if i == o)
-                    if waiting[id(u)] == 0:
-                        heapq.heappush(ready, (order[id(u)], u))
-        if len(done) != len(self.nodes):
-            raise RewriteError("graph rewrite left a cycle (a bug in export/onnx_rewrite.py)")
-        used = {i for n in done for i in n.input}
-        self.graph.ClearField("node")
-        self.graph.node.extend(done)
-        keep = [t for t in self.graph.initializer if t.name in used or t.name in self.outputs]
-        self.graph.ClearField("initializer")
-        self.graph.initializer.extend(keep)
-        names = used | {o for n in done for o in n.output}
-        vi = [v for v in self.graph.value_info if v.name in names]
-        self.graph.ClearField("value_info")
-        self.graph.value_info.extend(vi)
-
-
-def attr(node, name: str, default=None):
-    for a in node.attribute:
-        if a.name == name:
-            return helper.get_attribute_value(a)
-    return default
-
-
-def other_input(node, name: str) -> str | None:
-    """The other operand of a two-input node that reads `name`."""
-    if len(node.input) != 2:
-        return None
-    a, b = node.input
-    return b if a == name else a if b == name else None
-
-
-def scalar(g: Graph, name: str) -> float | None:
-    v = g.const(name)
-    return float(v.reshape(())) if v is not None and v.size == 1 and v.ndim <= 1 else None
-
-
-def op_counts(model: onnx.ModelProto) -> dict[str, int]:
-    c = collections.Counter(f"{n.domain}.{n.op_type}" if n.domain else n.op_type for n in model.graph.node)
-    return dict(sorted(c.items()))
-
-
 # --- projections ---------------------------------------------------------------------------------------
 class Projection:
     """x @ W as MatMul (W a float constant (K, N)) or MatMulNBits (codes (N, G, block/2), scales, zeros)."""
 
-    def __init__(self, node, x: str, n: int, parts: list, attrs: dict):
-        self.node, self.x, self.n, self.parts, self.attrs = node, x, n, parts, attrs
+    def __init__(self, g: Graph, node, x: str, n: int, metas: list, attrs: dict):
+        self.g, self.node, self.x, self.n, self.metas, self.attrs = g, node, x, n, metas, attrs
+
+    def part(self, k: int) -> np.ndarray:
+        return self.g.const(self.node.input[1 + k])
 
     def key(self):
         """Projections with equal keys concatenate along N: same input, K, dtypes, and for MatMulNBits the same
         bits / block size / accuracy level and zero points either in all or in none."""
         if self.node.op_type == "MatMul":
-            return ("MatMul", self.x, self.parts[0].shape[0], self.parts[0].dtype)
+            return ("MatMul", self.x, self.metas[0][0][0], self.metas[0][1])
         attrs = tuple(sorted((k, v) for k, v in self.attrs.items() if k != "N"))
-        return ("MatMulNBits", self.x, attrs, tuple((p.dtype, p.shape[1:]) for p in self.parts))
+        return ("MatMulNBits", self.x, attrs, tuple((shape[1:], dtype) for shape, dtype in self.metas))
 
 
 def projection(g: Graph, name: str) -> Projection | None:
@@ -221,16 +65,16 @@ def projection(g: Graph, name: str) -> Projection | None:
     if n is None:
         return None
     if n.op_type == "MatMul" and n.domain == "":
-        w = g.const(n.input[1])
-        if w is None or w.ndim != 2 or w.dtype != np.float32:
+        w = g.meta(n.input[1])
+        if w is None or len(w[0]) != 2 or w[1] != np.float32:
             return None
-        return Projection(n, n.input[0], w.shape[1], [w], {})
+        return Projection(g, n, n.input[0], w[0][1], [w], {})
     if n.op_type == "MatMulNBits" and n.domain == MS and len(n.input) in (3, 4):
-        parts = [g.const(i) for i in n.input[1:]]
-        if any(p is None for p in parts):
+        metas = [g.meta(i) for i in n.input[1:]]
+        if None in metas:
             return None
         attrs = {a.name: helper.get_attribute_value(a) for a in n.attribute}
-        return Projection(n, n.input[0], attrs["N"], parts, attrs)
+        return Projection(g, n, n.input[0], attrs["N"], metas, attrs)
     return None
 
 
@@ -240,10 +84,10 @@ def fused_projection(g: Graph, projs: list[Projection], out: str, hint: str) -> 
         return None
     first = projs[0]
     if first.node.op_type == "MatMul":
-        w = g.add_const(np.concatenate([p.parts[0] for p in projs], axis=1), f"{hint}.weight")
+        w = g.add_const(np.concatenate([p.part(0) for p in projs], axis=1), f"{hint}.weight")
         return g.make("MatMul", [first.x, w], [out], hint)
-    parts = [g.add_const(np.concatenate([p.parts[k] for p in projs], axis=0), f"{hint}.{kind}")
-             for k, kind in zip(range(len(first.parts)), ("qweight", "scales", "zeros"))]
+    parts = [g.add_const(np.concatenate([p.part(k) for p in projs], axis=0), f"{hint}.{kind}")
+             for k, kind in zip(range(len(first.metas)), ("qweight", "scales", "zeros"))]
     attrs = dict(first.attrs, N=sum(p.n for p in projs))
     return g.make("MatMulNBits", [first.x, *parts], [out], hint, domain=MS, **attrs)
 
@@ -265,10 +109,10 @@ def fold_residual_scale(g: Graph) -> int:
                     any(u.op_type != "Add" or u.domain != "" for u in users) or mul.output[0] in g.outputs:
                 continue
             if p.node.op_type == "MatMul":
-                w = g.add_const(p.parts[0] * np.float32(c), f"{p.node.input[1]}.scaled")
+                w = g.add_const(p.part(0) * np.float32(c), f"{p.node.input[1]}.scaled")
                 new = g.make("MatMul", [p.x, w], [y], p.node.name)
-            elif p.parts[1].dtype == np.float32:
-                scales = g.add_const(p.parts[1] * np.float32(c), f"{p.node.input[2]}.scaled")
+            elif p.metas[1][1] == np.float32:
+                scales = g.add_const(p.part(1) * np.float32(c), f"{p.node.input[2]}.scaled")
                 inputs = [p.x, p.node.input[1], scales, *p.node.input[3:]]
                 new = g.make("MatMulNBits", inputs, [y], p.node.name, domain=MS, **p.attrs)
             else:
@@ -543,6 +387,9 @@ def rewrite_export(export_dir: Path) -> dict:
         data_name = sorted(data_names)[0] if data_names else "model.onnx.data"
         onnx.save_model(model, str(tmp / "model.onnx"), save_as_external_data=external,
                         all_tensors_to_one_file=True, location=data_name, size_threshold=1024)
+        mode = graph_path.stat().st_mode & 0o777
+        for name in ("model.onnx", data_name) if external else ("model.onnx",):
+            (tmp / name).chmod(mode)  # as the export wrote them, not onnx's private default
         # Two files cannot be swapped at once: the weights go first, the graph that reads them right after.
         if external:
             os.replace(tmp / data_name, export_dir / data_name)

@@ -20,7 +20,7 @@ help:
 	@echo "make kernels compile the Triton kernels for TARGETS=$(TARGETS) into $(BUILD)/kernels (no GPU needed)"
 	@echo "make bench-kernels   sparse-attention / ternary / int4 savings (counted; timed on an NVIDIA GPU)"
 	@echo "make bench-agent     MQTT agent: requests/s and its own overhead on a loopback Mosquitto"
-	@echo "make bench-cpu       onnxruntime backend vs llama.cpp (same fp32 weights): decode tokens/s, peak memory"
+	@echo "make bench-cpu       onnxruntime backend vs llama.cpp, same weights (fp32/F32 and int4/Q4_0): decode tokens/s, peak memory"
 	@echo "make gpu-check       on an NVIDIA GPU, <= 8 min: kernels vs references (JIT and AOT $(GPU_TARGET)), timings"
 
 setup: mosquitto systemd curl $(SETUP_STAMP)
@@ -95,7 +95,7 @@ bench-agent: setup
 	$(PY) bench/agent.py
 
 # llama-cpp-python builds llama.cpp from source (a few minutes the first time); the tests in
-# tests/test_gguf.py run once it is installed.
+# tests/test_gguf.py, test_gguf_q4_0.py and test_minicpm5.py run llama.cpp once it is installed.
 bench-cpu: setup
 	$(PY) -m pip install -q matplotlib gguf==0.19.0 llama-cpp-python==0.3.36
 	$(PY) bench/cpu.py

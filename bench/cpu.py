@@ -1,25 +1,32 @@
 """`make bench-cpu`: decode tokens/s and peak memory, the kit's onnxruntime backend against llama.cpp.
 
 The same weights for both: a random-weight MiniCPM4-0.5B (24 layers, hidden 1024, 16/2 heads, intermediate
-4096, vocab 73448, the published config's scalars and LongRoPE factors), exported with `cpm-edge export
---flavor portable --dtype fp32 --max-seq 2304` for ONNX Runtime and written as an f32 GGUF
-(export/gguf_export.py) for llama.cpp (llama-cpp-python). Same precision (fp32 weights, activations and KV
-cache: llama.cpp's default f16 cache is switched to f32), same thread count, same capacity (2304 positions,
-so both pick the same LongRoPE factors), same work per step: one token in, the last position's logits out
-as a numpy array, the next token its argmax.
+4096, vocab 73448, the published config's scalars and LongRoPE factors), in two precisions:
+  fp32  `cpm-edge export --flavor portable --dtype fp32 --max-seq 2304` for ONNX Runtime, an f32 GGUF
+        (export/gguf_export.py) for llama.cpp (llama-cpp-python);
+  int4  the same export with `--weights int4 --group-size 32` (MatMulNBits) and a Q4_0 GGUF
+        (`--dtype q4_0`): both hold the very same 4-bit numbers (tests/test_gguf_q4_0.py), embeddings and
+        lm_head fp32 in both. How each engine multiplies differs: llama.cpp rounds the activations to
+        8 bits (Q8_0) for its Q4_0 dot products on CPU, MatMulNBits at accuracy_level 0 keeps them fp32.
+Same KV cache (fp32: llama.cpp's default f16 cache is switched to f32), same thread count, same capacity
+(2304 positions, so both pick the same LongRoPE factors), same work per step: one token in, the last
+position's logits out as a numpy array, the next token its argmax.
 
-Per engine and context, a subprocess of its own (so that wait4's ru_maxrss is that engine's peak alone):
-load, prefill a random prompt of `context` tokens (timed, reported), warm up with a few decode steps, then on
-each request from the parent rewind the cache to `context` and time `--decode` steps. llama.cpp runs twice,
-flash attention off and on; the faster is the baseline. The machine may be shared (other processes compete
+Per engine, precision and context, a subprocess of its own: load, prefill a random prompt of `context` tokens
+(timed, reported), warm up with a few decode steps, then on each request from the parent rewind the cache
+to `context` and time `--decode` steps. Its peak memory is the VmHWM it reads from /proc/self/status before
+it exits (its own address space's high-water mark; wait4's ru_maxrss would start from the parent's peak).
+llama.cpp runs twice, flash attention off and on; the faster is the baseline. The machine may be shared (other processes compete
 for its cores), so the engines of one context stay loaded together, their runs are interleaved in rotating
 order, each run starts after the machine has been quiet for a second (or after --quiet-wait), the CPU that
 other processes used during each run is recorded, and rounds go on until every engine has --runs clean runs
 (others used <= --max-others cores; at most 4 x --runs rounds). Decode tokens/s is the median over the
 clean runs (over all runs, marked contended, when there are too few).
-Before any timing the parent checks that both engines agree on the logits after a 128-token prefill.
+Before any timing the parent checks that both engines agree on the logits after a 128-token prefill (fp32:
+1e-3 of the largest logit; int4: 5e-2, llama.cpp's 8-bit activations).
 
-Writes bench/results/cpu.json and bench/results/cpu.png; prints the ratios (onnxruntime / llama.cpp).
+Writes bench/results/cpu.json and bench/results/cpu.png; prints the ratios (onnxruntime / llama.cpp) per
+precision and context, with the CPU's ISA.
 """
 from __future__ import annotations
 
@@ -45,6 +52,9 @@ CONTEXTS = (128, 2048)
 MAX_SEQ = 2304          # capacity of both engines: 2048 prompt + decode steps, a multiple of 256 for llama.cpp
 ENGINES = ("onnxruntime", "llama.cpp")
 GGML_TYPE_F32 = 0
+# precision -> (extra `cpm-edge export` arguments, GGUF --dtype, agreement tolerance of the logits)
+PRECISIONS = {"fp32": ([], "f32", 1e-3),
+              "int4": (["--weights", "int4", "--group-size", "32"], "q4_0", 5e-2)}
 # MiniCPM4-0.5B, as published (shared/reference/configs): shapes and the three muP scalars.
 SHAPE = dict(num_hidden_layers=24, hidden_size=1024, intermediate_size=4096, num_attention_heads=16,
              num_key_value_heads=2, vocab_size=73448, max_position_embeddings=32768, scale_emb=12,
@@ -54,16 +64,20 @@ SHAPE = dict(num_hidden_layers=24, hidden_size=1024, intermediate_size=4096, num
 FALLBACK_FACTORS = [1.0 + 48.9 * (i / 31) ** 2 for i in range(32)]
 
 
-EXPORTER_SOURCES = ("export/onnx_export.py", "export/model.py", "trt_plugins/attention/reference.py")
+EXPORTER_SOURCES = ("export/onnx_export.py", "export/model.py", "trt_plugins/attention/reference.py",
+                    "export/quantized.py", "trt_plugins/int4/reference.py", "export/gguf_export.py")
 
 
 # --- preparing the model (parent; imports torch) ---------------------------------------------------------
-def prepare(work: Path, log) -> tuple[Path, Path, Path]:
-    """The HF folder, the ONNX export folder and the GGUF file, made once and reused."""
+def prepare(work: Path, precision: str, log) -> tuple[Path, Path]:
+    """The ONNX export folder and the GGUF file of one precision (the HF folder first), made once and
+    reused while the exporter's code is unchanged."""
     from export.gguf_export import write_gguf
     from export.tiny import write_tiny
 
-    hf, onnx_dir, gguf_path = work / "minicpm4-0.5b-random", work / "onnx-portable-fp32", work / "model-f32.gguf"
+    export_args, gguf_dtype, _ = PRECISIONS[precision]
+    hf, onnx_dir = work / "minicpm4-0.5b-random", work / f"onnx-portable-{precision}"
+    gguf_path = work / f"model-{gguf_dtype}.gguf"
     if not (hf / "config.json").exists():
         overrides = dict(SHAPE)
         if REFERENCE_CONFIG.exists():
@@ -77,19 +91,20 @@ def prepare(work: Path, log) -> tuple[Path, Path, Path]:
         write_tiny(hf, "dense", seed=0, overwrite=True, **overrides)
     # The graph depends on the exporter's code: a cached export made by other code is made again.
     exporter = hashlib.sha256(b"".join((ROOT / f).read_bytes() for f in EXPORTER_SOURCES)).hexdigest()
-    stamp = work / "onnx-exporter.sha256"
+    stamp = work / f"onnx-{precision}-exporter.sha256"
     if not (onnx_dir / "export.json").exists() or not stamp.exists() or stamp.read_text() != exporter:
-        log(f"exporting to ONNX (portable, fp32, --max-seq {MAX_SEQ}): a few minutes")
+        log(f"exporting to ONNX (portable, fp32 {' '.join(export_args)}, --max-seq {MAX_SEQ}): a few minutes")
         subprocess.run([str(ROOT / ".venv" / "bin" / "cpm-edge") if (ROOT / ".venv").exists() else "cpm-edge",
                         "export", str(hf), "--out", str(onnx_dir), "--flavor", "portable", "--dtype", "fp32",
-                        "--max-seq", str(MAX_SEQ), "--force"], check=True)
+                        "--max-seq", str(MAX_SEQ), "--force", *export_args], check=True)
+        gguf_path.unlink(missing_ok=True)  # made again below by the same code version
         stamp.write_text(exporter)
     if not gguf_path.exists():
-        log(f"writing the f32 GGUF {gguf_path}")
+        log(f"writing the {gguf_dtype} GGUF {gguf_path}")
         tmp = gguf_path.with_suffix(".gguf.tmp")
-        write_gguf(hf, tmp, "f32")
+        write_gguf(hf, tmp, gguf_dtype)
         os.replace(tmp, gguf_path)
-    return hf, onnx_dir, gguf_path
+    return onnx_dir, gguf_path
 
 
 # --- one engine in a child process (numpy + the engine only: no torch) ------------------------------------
@@ -151,7 +166,7 @@ def child(args):
     """One engine at one context, driven over stdin/stdout by the parent (one JSON line per answer).
 
     Setup: load, prefill a random prompt of `context` tokens, warm up. Then each "run" line rewinds the cache
-    to `context` and times `--decode` steps; "quit" ends the process (the parent reads its peak RSS).
+    to `context` and times `--decode` steps; "quit" answers with its peak RSS (VmHWM) and ends the process.
     """
     t0 = time.perf_counter()
     if args.engine == "onnxruntime":
@@ -190,6 +205,15 @@ def child(args):
         cpu0 = time.process_time()
         times = run(args.decode)
         say({"step_s": times, "cpu_s": time.process_time() - cpu0})
+    say({"peak_rss_mb": round(vm_hwm_kib() / 1024, 1)})
+
+
+def vm_hwm_kib() -> int:
+    """This process's resident-set high-water mark (VmHWM, KiB): its own peak, whatever its parent held."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    raise RuntimeError("/proc/self/status has no VmHWM line")
 
 
 def busy_jiffies() -> tuple[int, int]:
@@ -216,7 +240,7 @@ class Child:
     """A child process of one engine at one context."""
 
     def __init__(self, engine: str, model: Path, context: int, args, flash_attn: bool = False,
-                 logits_out: Path | None = None):
+                 logits_out: Path | None = None, precision: str = "fp32"):
         cmd = [sys.executable, str(Path(__file__).resolve()), "--child", engine, "--model", str(model),
                "--context", str(context), "--threads", str(args.threads), "--decode", str(args.decode),
                "--warmup", str(args.warmup), "--seed", str(args.seed)]
@@ -225,7 +249,7 @@ class Child:
         if logits_out:
             cmd += ["--logits-out", str(logits_out)]
         env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
-        self.name = engine + (" (flash_attn)" if flash_attn else "")
+        self.name = f"{precision} {engine}" + (" (flash_attn)" if flash_attn else "")
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, cwd=ROOT,
                                      text=True)
         self.info = self._read()
@@ -256,13 +280,13 @@ class Child:
 
     def close(self, max_others: float = float("inf"), want: int = 1) -> dict:
         """Stop the child; its results (from the clean runs when there are `want` of them, else from all, marked
-        contended) with the peak RSS that wait4 reports for it alone."""
+        contended) with the peak RSS it read for itself (VmHWM) before exiting."""
         self.proc.stdin.write("quit\n")
         self.proc.stdin.close()
+        peak = self._read()["peak_rss_mb"]
         self.proc.stdout.close()
-        _, status, usage = os.wait4(self.proc.pid, 0)
-        if os.waitstatus_to_exitcode(status) != 0:
-            raise RuntimeError(f"{self.name} exited with {os.waitstatus_to_exitcode(status)}")
+        if self.proc.wait() != 0:
+            raise RuntimeError(f"{self.name} exited with {self.proc.returncode}")
         clean = [r for r in self.runs if r["others_cores"] <= max_others]
         used = clean if len(clean) >= want else self.runs
         rates = [len(r["step_s"]) / sum(r["step_s"]) for r in used]
@@ -275,7 +299,7 @@ class Child:
                 "contended": used is not clean,
                 "all_runs": [{"tokens_per_s": round(len(r["step_s"]) / sum(r["step_s"]), 2),
                               "others_cores": r["others_cores"], "round": r.get("round")} for r in self.runs],
-                "peak_rss_mb": round(usage.ru_maxrss / 1024, 1)}  # KiB on Linux
+                "peak_rss_mb": peak}
 
 
 # --- the parent -------------------------------------------------------------------------------------------
@@ -290,35 +314,39 @@ def machine(threads: int) -> dict:
             "os": platform.platform(), "python": platform.python_version(), "threads_used": threads}
 
 
-def check_agreement(onnx_dir: Path, gguf_path: Path, args, work: Path, log) -> dict:
+def check_agreement(precision: str, onnx_dir: Path, gguf_path: Path, args, work: Path, log) -> dict:
     """Logits after a 128-token prefill from both engines: the same model before any timing."""
-    a, b = work / "ort-logits.npy", work / "llama-logits.npy"
+    a, b = work / f"ort-{precision}-logits.npy", work / f"llama-{precision}-logits.npy"
     quick = argparse.Namespace(**{**vars(args), "decode": 1, "warmup": 0})
     for engine, model, out in (("onnxruntime", onnx_dir, a), ("llama.cpp", gguf_path, b)):
-        child = Child(engine, model, 128, quick, logits_out=out)
+        child = Child(engine, model, 128, quick, logits_out=out, precision=precision)
         child.run()
         child.close()  # agreement only: no timing kept
     ours, theirs = np.load(a), np.load(b)
     rel = float(np.abs(ours - theirs).max() / np.abs(ours).max())
-    res = {"max_relative_error": rel, "same_argmax": bool(ours.argmax() == theirs.argmax()),
+    tol = PRECISIONS[precision][2]
+    res = {"max_relative_error": rel, "tolerance": tol, "same_argmax": bool(ours.argmax() == theirs.argmax()),
            "logit_std": float(ours.std()), "logit_max_abs": float(np.abs(ours).max())}
-    log(f"agreement after a 128-token prefill: max relative error {rel:.2e}, same argmax {res['same_argmax']}, "
-        f"logit std {res['logit_std']:.3f}")
-    if not np.isfinite(ours).all() or rel > 1e-3:
-        raise SystemExit(f"bench-cpu: the engines disagree ({rel:.2e}); not timing different models")
+    log(f"{precision}: agreement after a 128-token prefill: max relative error {rel:.2e} (tolerance {tol:g}), "
+        f"same argmax {res['same_argmax']}, logit std {res['logit_std']:.3f}")
+    if not np.isfinite(ours).all() or rel > tol:
+        raise SystemExit(f"bench-cpu: the {precision} engines disagree ({rel:.2e} > {tol:g}); not timing "
+                         f"different models")
     return res
 
 
-def time_context(context: int, onnx_dir: Path, gguf_path: Path, args, log) -> dict[str, dict]:
-    """All engines at one context, alive together, their timed runs interleaved (order rotating each round)
-    and each started when the machine is quiet, so that load from other processes falls on all alike."""
-    specs = [("onnxruntime", onnx_dir, False), ("llama.cpp", gguf_path, False), ("llama.cpp", gguf_path, True)]
+def time_context(context: int, models: dict[str, tuple[Path, Path]], args, log) -> dict[str, dict]:
+    """All engines of every precision at one context, alive together, their timed runs interleaved (order
+    rotating each round) and each started when the machine is quiet, so that load from other processes falls
+    on all alike."""
     children = []
-    for engine, model, fa in specs:  # set up one at a time: loads and prefills do not overlap
-        wait_for_quiet(args.quiet_wait)
-        children.append(Child(engine, model, context, args, flash_attn=fa))
-        log(f"  {children[-1].name}: loaded in {children[-1].info['load_s']} s, prefill "
-            f"{children[-1].info['prefill_tokens_per_s']} tokens/s")
+    for precision, (onnx_dir, gguf_path) in models.items():
+        for engine, model, fa in (("onnxruntime", onnx_dir, False), ("llama.cpp", gguf_path, False),
+                                  ("llama.cpp", gguf_path, True)):
+            wait_for_quiet(args.quiet_wait)  # set up one at a time: loads and prefills do not overlap
+            children.append(Child(engine, model, context, args, flash_attn=fa, precision=precision))
+            log(f"  {children[-1].name}: loaded in {children[-1].info['load_s']} s, prefill "
+                f"{children[-1].info['prefill_tokens_per_s']} tokens/s")
     # Rounds of every engine until each has --runs clean runs (other processes used < --max-others cores
     # meanwhile), at most 4 x --runs rounds; each round rotates the order.
     for r in range(4 * args.runs):
@@ -339,35 +367,48 @@ def plot(results: dict, path: Path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.4))
     width = 0.38
     colors = {"onnxruntime": "#1f77b4", "llama.cpp": "#ff7f0e"}
-    x = np.arange(len(results["contexts"]))
+    groups = [(p, c) for p in results["precisions"] for c in results["contexts"]]
+    x = np.arange(len(groups))
     for k, engine in enumerate(ENGINES):
-        rows = [results["runs"][engine][str(c)] for c in results["contexts"]]
-        tps = [r["decode_tokens_per_s"] for r in rows]
-        bars = ax1.bar(x + (k - 0.5) * width, tps, width, label=engine, color=colors[engine])
+        rows = [results["runs"][p][engine][str(c)] for p, c in groups]
+        label = {"onnxruntime": "onnxruntime (fp32 / MatMulNBits)", "llama.cpp": "llama.cpp (F32 / Q4_0)"}[engine]
+        bars = ax1.bar(x + (k - 0.5) * width, [r["decode_tokens_per_s"] for r in rows], width, label=label,
+                       color=colors[engine])
         ax1.bar_label(bars, fmt="%.1f", fontsize=8)
-        mem = [r["peak_rss_mb"] / 1024 for r in rows]
-        bars = ax2.bar(x + (k - 0.5) * width, mem, width, label=engine, color=colors[engine])
+        bars = ax2.bar(x + (k - 0.5) * width, [r["peak_rss_mb"] / 1024 for r in rows], width, label=label,
+                       color=colors[engine])
         ax2.bar_label(bars, fmt="%.2f", fontsize=8)
     for ax, title, unit in ((ax1, "decode tokens/s (higher is better)", "tokens/s"),
-                            (ax2, "peak RSS (lower is better)", "GiB")):
-        ax.set_xticks(x, [f"{c} context" for c in results["contexts"]])
+                            (ax2, "peak RSS of the engine's process (lower is better)", "GiB")):
+        ax.set_xticks(x, [f"{p}\n{c} context" for p, c in groups], fontsize=8)
         ax.set_ylabel(unit)
         ax.set_title(title, fontsize=10)
         ax.legend(fontsize=8)
     m = results["machine"]
-    fig.suptitle(f"MiniCPM4-0.5B shapes, fp32, batch 1, {m['threads_used']} threads — {m['cpu']} "
-                 f"({m['logical_cores']} cores)", fontsize=10)
+    fig.suptitle(f"MiniCPM4-0.5B shapes, batch 1, {m['threads_used']} threads — {m['cpu']} "
+                 f"({m['logical_cores']} cores, {'/'.join(m['isa'])})", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+
+
+def paired_ratio(ours: dict, theirs: dict, max_others: float) -> float | None:
+    """Median over rounds of ours / theirs from runs of the same round, both clean: adjacent in time, so slow
+    drifts of the machine (memory bandwidth shared with other tenants) cancel."""
+    def by_round(r):
+        return {x["round"]: x["tokens_per_s"] for x in r["all_runs"] if x["others_cores"] <= max_others}
+    o, t = by_round(ours), by_round(theirs)
+    common = sorted(set(o) & set(t))
+    return round(statistics.median(o[k] / t[k] for k in common), 3) if common else None
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     p.add_argument("--contexts", type=int, nargs="+", default=list(CONTEXTS))
+    p.add_argument("--precisions", nargs="+", choices=list(PRECISIONS), default=list(PRECISIONS))
     p.add_argument("--decode", type=int, default=64, help="timed decode steps per run")
     p.add_argument("--runs", type=int, default=5, help="timed runs per engine and context (median)")
     p.add_argument("--warmup", type=int, default=8, help="decode steps before the timed runs")
@@ -395,70 +436,77 @@ def main(argv=None) -> int:
     if max(args.contexts) + args.warmup + args.decode > MAX_SEQ:
         p.error(f"context + warmup + decode must fit the capacity {MAX_SEQ}")
     args.work.mkdir(parents=True, exist_ok=True)
-    _, onnx_dir, gguf_path = prepare(args.work, log)
-    agreement = check_agreement(onnx_dir, gguf_path, args, args.work, log)
-    runs: dict = {e: {} for e in ENGINES}
+    models = {precision: prepare(args.work, precision, log) for precision in args.precisions}
+    agreement = {precision: check_agreement(precision, *models[precision], args, args.work, log)
+                 for precision in args.precisions}
+    runs: dict = {precision: {e: {} for e in ENGINES} for precision in args.precisions}
     llama_variants: dict = {}
     for context in args.contexts:
         log(f"{context} tokens of context")
-        timed = time_context(context, onnx_dir, gguf_path, args, log)
-        runs["onnxruntime"][str(context)] = timed["onnxruntime"]
-        # llama.cpp's baseline is its faster attention path at this precision: flash attention off or on
-        for name in ("llama.cpp", "llama.cpp (flash_attn)"):
-            llama_variants[f"{context}/{name}"] = timed[name]
-        runs["llama.cpp"][str(context)] = max((timed["llama.cpp"], timed["llama.cpp (flash_attn)"]),
-                                              key=lambda r: r["decode_tokens_per_s"])
-        runs["llama.cpp"][str(context)]["flash_attn"] = (
-            runs["llama.cpp"][str(context)] is timed["llama.cpp (flash_attn)"])
+        timed = time_context(context, models, args, log)
+        for precision in args.precisions:
+            runs[precision]["onnxruntime"][str(context)] = timed[f"{precision} onnxruntime"]
+            # llama.cpp's baseline is its faster attention path at this precision: flash attention off or on
+            off, on = timed[f"{precision} llama.cpp"], timed[f"{precision} llama.cpp (flash_attn)"]
+            llama_variants[f"{precision}/{context}/llama.cpp"] = off
+            llama_variants[f"{precision}/{context}/llama.cpp (flash_attn)"] = on
+            best = max((off, on), key=lambda r: r["decode_tokens_per_s"])
+            runs[precision]["llama.cpp"][str(context)] = {**best, "flash_attn": best is on}
 
-    def paired(c: int) -> float | None:
-        """Median over rounds of onnxruntime / llama.cpp from runs of the same round, both clean: adjacent in
-        time, so slow drifts of the machine (memory bandwidth shared with other tenants) cancel."""
-        def by_round(r):
-            return {x["round"]: x["tokens_per_s"] for x in r["all_runs"] if x["others_cores"] <= args.max_others}
-        o, l = by_round(runs["onnxruntime"][str(c)]), by_round(runs["llama.cpp"][str(c)])
-        common = sorted(set(o) & set(l))
-        return round(statistics.median(o[k] / l[k] for k in common), 3) if common else None
-
-    ratios = {str(c): {"decode_tokens_per_s_paired_median": paired(c),
-                       "decode_tokens_per_s": round(runs["onnxruntime"][str(c)]["decode_tokens_per_s"]
-                                                    / runs["llama.cpp"][str(c)]["decode_tokens_per_s"], 3),
-                       "peak_rss": round(runs["onnxruntime"][str(c)]["peak_rss_mb"]
-                                         / runs["llama.cpp"][str(c)]["peak_rss_mb"], 3)}
-              for c in args.contexts}
+    ratios = {precision: {str(c): {
+        "decode_tokens_per_s_paired_median": paired_ratio(runs[precision]["onnxruntime"][str(c)],
+                                                          runs[precision]["llama.cpp"][str(c)], args.max_others),
+        "decode_tokens_per_s": round(runs[precision]["onnxruntime"][str(c)]["decode_tokens_per_s"]
+                                     / runs[precision]["llama.cpp"][str(c)]["decode_tokens_per_s"], 3),
+        "peak_rss": round(runs[precision]["onnxruntime"][str(c)]["peak_rss_mb"]
+                          / runs[precision]["llama.cpp"][str(c)]["peak_rss_mb"], 3)}
+        for c in args.contexts} for precision in args.precisions}
     import llama_cpp
+    export_info = {precision: json.loads((models[precision][0] / "export.json").read_text())
+                   for precision in args.precisions}
     results = {
-        "what": "decode tokens/s (median of runs) and peak RSS per engine process, batch 1, fp32 weights, "
-                "activations and KV cache, random-weight MiniCPM4-0.5B shapes; ratio = onnxruntime / llama.cpp; "
+        "what": "decode tokens/s (median of runs) and peak RSS (VmHWM) per engine process, batch 1, random-weight "
+                "MiniCPM4-0.5B shapes, fp32 activations and KV cache; fp32: fp32 weights; int4: the same 4-bit "
+                "values in both (MatMulNBits blocks of 32 / Q4_0); ratio = onnxruntime / llama.cpp; "
                 "all_runs[].others_cores: CPU cores other processes used while that run was timed; the median "
                 "is over the clean runs (others_cores <= method.max_others_cores) unless contended is true",
         "machine": machine(args.threads),
         "versions": {"onnxruntime": OrtEngine.version(), "llama_cpp_python": llama_cpp.__version__,
                      "llama_cpp_system_info": llama_cpp.llama_print_system_info().decode().strip()},
         "model": {**{k: v for k, v in SHAPE.items() if k != "eos_token_id"}, "weights": "random (export/tiny.py)",
-                  "precision": "fp32", "capacity": MAX_SEQ},
+                  "capacity": MAX_SEQ},
+        "exports": {precision: {k: info.get(k) for k in ("weights", "rewrite")}
+                    for precision, info in export_info.items()},
         "method": {"decode_steps": args.decode, "runs": args.runs, "max_others_cores": args.max_others,
-                   "warmup_steps": args.warmup,
-                   "threads": args.threads, "contexts": args.contexts,
+                   "warmup_steps": args.warmup, "threads": args.threads, "contexts": args.contexts,
+                   "precisions": {k: {"export_args": v[0], "gguf_dtype": v[1]} for k, v in PRECISIONS.items()
+                                  if k in args.precisions},
                    "llama_cpp": "Llama.eval one token per step, logits copied to numpy, f32 KV cache; the faster "
                                 "of flash_attn off/on is the baseline (both in llama_cpp_variants)",
                    "onnxruntime": "OnnxRuntimeBackend.decode (agent/onnxruntime_backend.py), intra_op threads "
-                                  "= threads"},
+                                  "= threads",
+                   "peak_rss": "VmHWM of the engine's own process, read by it before exiting"},
         "agreement": agreement,
+        "precisions": args.precisions,
         "contexts": args.contexts,
         "runs": runs,
         "llama_cpp_variants": llama_variants,
         "ratios_onnxruntime_over_llama_cpp": ratios,
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "cpu.json").write_text(json.dumps(results, indent=2) + "\n")
+    tmp = args.out / "cpu.json.tmp"
+    tmp.write_text(json.dumps(results, indent=2) + "\n")
+    os.replace(tmp, args.out / "cpu.json")
     plot(results, args.out / "cpu.png")
-    for c in args.contexts:
-        o, l = runs["onnxruntime"][str(c)], runs["llama.cpp"][str(c)]
-        print(f"context {c:>5}: onnxruntime {o['decode_tokens_per_s']:.2f} tok/s, {o['peak_rss_mb']:.0f} MiB | "
-              f"llama.cpp {l['decode_tokens_per_s']:.2f} tok/s, {l['peak_rss_mb']:.0f} MiB | "
-              f"speed {ratios[str(c)]['decode_tokens_per_s']:.2f}x (paired by round "
-              f"{ratios[str(c)]['decode_tokens_per_s_paired_median']}x), memory {ratios[str(c)]['peak_rss']:.2f}x")
+    isa = "/".join(results["machine"]["isa"])
+    for precision in args.precisions:
+        for c in args.contexts:
+            o, l = runs[precision]["onnxruntime"][str(c)], runs[precision]["llama.cpp"][str(c)]
+            r = ratios[precision][str(c)]
+            print(f"{precision} context {c:>5}: onnxruntime {o['decode_tokens_per_s']:.2f} tok/s, "
+                  f"{o['peak_rss_mb']:.0f} MiB | llama.cpp {l['decode_tokens_per_s']:.2f} tok/s, "
+                  f"{l['peak_rss_mb']:.0f} MiB | speed {r['decode_tokens_per_s']:.2f}x (paired by round "
+                  f"{r['decode_tokens_per_s_paired_median']}x), memory {r['peak_rss']:.2f}x  [{isa}]")
     print(f"wrote {args.out / 'cpu.json'} and {args.out / 'cpu.png'}")
     return 0
 

@@ -225,12 +225,17 @@ def test_curl_streams_server_sent_events(http_agent, tiny):
 class RecordingBackend:
     """Wraps the real ONNX Runtime backend and only records: which prompt owns each row (from its prefill)
     and, for every decode call, the rows it carried and their positions. The wrapped backend computes every
-    logit; nothing is changed or faked."""
+    logit; nothing is changed or faked.
+
+    `hold_until` (a callable) holds each decode call, for at most 30 s, until it returns True once: a tiny
+    model decodes 60 tokens in well under a second, so on a loaded machine the first request could finish
+    before the second one reaches the server. Holding changes when a step runs, never what it computes."""
 
     def __init__(self, backend):
         self.backend, self.max_batch, self.max_seq = backend, backend.max_batch, backend.max_seq
         self.owner: dict[int, tuple] = {}
         self.decodes: list[list[tuple]] = []   # per call: (prompt ids of the row, position) for each row
+        self.hold_until = None
 
     def prefill(self, row, ids, start=0):
         if start == 0:
@@ -252,6 +257,7 @@ def test_mqtt_and_http_requests_share_a_decode_step(http_agent, broker, make_cli
     texts["http"] = words_prompt(tok, rng, 10)
     backend = RecordingBackend(OnnxRuntimeBackend(tiny[0], max_batch=2))
     agent, base = http_agent(backend=backend)
+    backend.hold_until = lambda: agent.server.outstanding >= 2   # both accepted: the HTTP one is queued
     mqtt_answer = make_client(broker.url).submit(texts["mqtt"], max_tokens=60, temperature=0)
     http_answer = client(base).completions.create(model=agent.http.model, prompt=texts["http"], max_tokens=20,
                                                   temperature=0)

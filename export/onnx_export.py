@@ -128,6 +128,8 @@ class ExportOptions:
     sparse: bool = True    # False: dense attention even when the model has a sparse_config
     weights: str = "float"  # float: as the checkpoint holds them (GPTQ/AWQ stay int4); int4: round-to-nearest
     group_size: int = 128   # inputs per scale for weights="int4"
+    int4_activations: str = "float"  # portable int4: "int8" lets MatMulNBits round activations (accuracy_level 4)
+    rewrite: bool = True    # portable: the ONNX Runtime fusions of export/onnx_rewrite.py (trt: TensorRT fuses)
 
 
 def model_hash(model_dir: Path) -> str:
@@ -178,9 +180,16 @@ def export(opts: ExportOptions, progress=lambda stage: None) -> Path:
     destination.check()  # before minutes of work, not after
     progress("loading weights")
     model = load_model(model_dir, DTYPES[opts.dtype], config=config)
-    from export.quantized import WEIGHT_FORMATS, quantize_model, set_export_flavor, weights_info
+    from export.quantized import (INT4_ACTIVATIONS, WEIGHT_FORMATS, quantize_model, set_export_flavor,
+                                  weights_info)
     if opts.weights not in WEIGHT_FORMATS:
         raise CheckpointError(f"--weights: {opts.weights!r} is not one of {', '.join(WEIGHT_FORMATS)}")
+    if opts.int4_activations not in INT4_ACTIVATIONS:
+        raise CheckpointError(f"--int4-activations: {opts.int4_activations!r} is not one of "
+                              f"{', '.join(INT4_ACTIVATIONS)}")
+    if opts.int4_activations != "float" and opts.flavor != "portable":
+        raise CheckpointError(f"--int4-activations {opts.int4_activations}: for the portable flavor (ONNX Runtime's "
+                              f"MatMulNBits); the trt flavor's int4 GEMM takes fp16/bf16 activations")
     int4 = weights_info(model)["format"] == "int4"  # a GPTQ/AWQ checkpoint
     if int4 and opts.ternary == "packed":
         raise CheckpointError("--ternary packed: the projections are int4 (a GPTQ/AWQ checkpoint)")
@@ -200,7 +209,10 @@ def export(opts: ExportOptions, progress=lambda stage: None) -> Path:
     elif opts.weights == "int4":
         progress(f"quantizing projections to int4 (round-to-nearest, groups of {opts.group_size})")
         quantize_model(model, opts.group_size)
-    set_export_flavor(model, opts.flavor)
+    if opts.int4_activations != "float" and weights_info(model)["format"] != "int4":
+        raise CheckpointError(f"--int4-activations {opts.int4_activations}: the projections are not int4 (use it with "
+                              f"--weights int4 or a GPTQ/AWQ checkpoint)")
+    set_export_flavor(model, opts.flavor, opts.int4_activations)
     if not opts.sparse:
         config.sparse = model.config.sparse = None
     if opts.flavor == "trt" and config.sparse is not None and config.sparse.revision != 1:
@@ -271,6 +283,11 @@ def export(opts: ExportOptions, progress=lambda stage: None) -> Path:
             "export_seconds": round(time.perf_counter() - start, 1),
         }
         (tmp / "export.json").write_text(json.dumps(info, indent=2) + "\n")
+        if opts.rewrite and opts.flavor == "portable":
+            from export.onnx_rewrite import rewrite_export
+            progress("rewriting the graph for ONNX Runtime (fused norms, packed qkv and gate/up, rotary in GQA)")
+            summary = rewrite_export(tmp)  # inside the temporary folder: the export appears rewritten or not at all
+            progress(f"rewrite: {summary['nodes_before']} -> {summary['nodes_after']} nodes")
     return Path(opts.out)
 
 

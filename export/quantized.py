@@ -29,6 +29,10 @@ AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # nibble i of an AWQ word holds column 8c 
 GPTQ_FORMATS = {"gptq": 1, "gptq_v2": 0}  # format -> offset added to the stored zero point
 CONFIG_FILES = ("quantize_config.json", "quant_config.json")
 WEIGHT_FORMATS = ("float", "int4")  # export --weights
+# export --int4-activations -> MatMulNBits accuracy_level. ONNX Runtime's contrib-op docs: 0 "unset" (A is neither
+# quantized nor downcast), 4 "int8" (A may be quantized to int8 with the same block_size): what llama.cpp's
+# Q4_0 x Q8_0 dot product does on CPU.
+INT4_ACTIVATIONS = {"float": 0, "int8": 4}
 
 
 class QuantizedCheckpointError(CheckpointError):
@@ -209,21 +213,21 @@ class Int4Linear(torch.nn.Module):
         self.register_buffer("perm", packed.perm)
         self.in_features, self.out_features = packed.in_features, packed.out_features
         self.group_size, self.source = packed.group_size, source
-        self.export_flavor = "portable"
+        self.export_flavor, self.accuracy_level = "portable", 0
 
     def packed(self) -> PackedInt4:
         zeros = self.zeros.view(torch.uint8) if self.zeros is not None else None
         return PackedInt4(self.qweight.view(torch.uint8), self.scales, zeros, self.in_features, self.group_size,
                           self.perm)
 
-    def set_export_flavor(self, flavor: str):
+    def set_export_flavor(self, flavor: str, activations: str = "float"):
         """trt: hold the codes as int8 (TensorRT widens uint8 initializers to int32; a view cannot be
-        exported); portable: uint8, as MatMulNBits takes them."""
+        exported); portable: uint8, as MatMulNBits takes them, with its accuracy_level for `activations`."""
         dtype = torch.int8 if flavor == "trt" else torch.uint8
         self.qweight = self.qweight.view(dtype)
         if self.zeros is not None:
             self.zeros = self.zeros.view(dtype)
-        self.export_flavor = flavor
+        self.export_flavor, self.accuracy_level = flavor, INT4_ACTIVATIONS[activations]
 
     def forward(self, x):
         if not torch.onnx.is_in_onnx_export():
@@ -232,7 +236,8 @@ class Int4Linear(torch.nn.Module):
             x = x.index_select(-1, self.perm)  # act-order: a Gather, the kernel sees contiguous groups
         if self.export_flavor == "trt":
             return self._plugin(x)
-        return matmul_nbits(x, self.qweight, self.scales, self.zeros, self.in_features, self.group_size)
+        return matmul_nbits(x, self.qweight, self.scales, self.zeros, self.in_features, self.group_size,
+                            self.accuracy_level)
 
     def _plugin(self, x):
         from trt_plugins import ops
@@ -245,15 +250,17 @@ class Int4Linear(torch.nn.Module):
                 f"source={self.source}, zeros={self.zeros is not None}, act_order={self.perm is not None}")
 
 
-def matmul_nbits(x, qweight, scales, zeros, in_features: int, group_size: int):
+def matmul_nbits(x, qweight, scales, zeros, in_features: int, group_size: int, accuracy_level: int = 0):
     """ONNX Runtime's com.microsoft::MatMulNBits node (portable flavor): B is qweight viewed as
     (N, K / block, block / 2); packed uint8 zero points, or none for the default 8. accuracy_level 0: A is
-    not quantized, so the products are fp32 like the reference's."""
+    not quantized, so the products are fp32 like the reference's; 4: A rounded to int8 per block (faster on
+    CPU, no longer the reference's numbers exactly)."""
     N = qweight.shape[0]
     inputs = [x, qweight.reshape(N, in_features // group_size, group_size // 2), scales]
     if zeros is not None:
         inputs.append(zeros)
-    attrs = {"K": in_features, "N": N, "bits": 4, "block_size": group_size, "accuracy_level": 0}
+    attrs = {"K": in_features, "N": N, "bits": 4, "block_size": group_size,
+             "accuracy_level": accuracy_level}
     return torch.onnx.ops.symbolic("com.microsoft::MatMulNBits", inputs, attrs, dtype=x.dtype,
                                    shape=[*x.shape[:-1], N], version=1)
 
@@ -330,11 +337,12 @@ def quantize_model(model, group_size: int = 128):
     return model
 
 
-def set_export_flavor(model, flavor: str):
-    """Which node the Int4Linear layers write when exported: MatMulNBits (portable) or CpmInt4Gemm (trt)."""
+def set_export_flavor(model, flavor: str, activations: str = "float"):
+    """Which node the Int4Linear layers write when exported: MatMulNBits (portable, with the accuracy level of
+    `activations`) or CpmInt4Gemm (trt)."""
     for module in model.modules():
         if isinstance(module, Int4Linear):
-            module.set_export_flavor(flavor)
+            module.set_export_flavor(flavor, activations)
 
 
 def weights_info(model) -> dict:
@@ -345,4 +353,6 @@ def weights_info(model) -> dict:
     return {"format": "int4", "bits": 4, "source": sorted({m.source for m in layers}),
             "group_size": sorted({m.group_size for m in layers}), "zero_points": any(m.zeros is not None
                                                                                    for m in layers),
-            "act_order": any(m.perm is not None for m in layers), "layers": len(layers)}
+            "act_order": any(m.perm is not None for m in layers), "layers": len(layers),
+            "activations": next((name for name, level in INT4_ACTIVATIONS.items()
+                                 if {m.accuracy_level for m in layers} == {level}), "mixed")}

@@ -137,10 +137,15 @@ def test_export_json(exports, tiny_models):
 def test_cli_export_and_generate(tiny_dense, tmp_path, capsys):
     code, _, err = run_cli(capsys, "export", tiny_dense, "--out", tmp_path / "e", "--max-seq", "64")
     assert code == 0, err
-    assert "export: tracing" in err and "exported portable fp32" in err
+    assert "export: tracing" in err and "exported portable fp32" in err and "export: rewrite:" in err
+    assert json.loads((tmp_path / "e" / "export.json").read_text())["rewrite"]["fusions"]["skip_norm"] > 0
     code, _, err = run_cli(capsys, "generate", tmp_path / "e", "--prompt", "robot", "--max-tokens", "5",
                         "--temperature", "0")
     assert code == 0 and "5 generated" in err
+    code, _, err = run_cli(capsys, "export", tiny_dense, "--out", tmp_path / "plain", "--max-seq", "64", "--no-rewrite")
+    assert code == 0, err
+    assert "rewrite" not in json.loads((tmp_path / "plain" / "export.json").read_text())
+    assert not list(tmp_path.glob("**/.rewrite.tmp"))
 
 
 @pytest.mark.parametrize("case", ["not_minicpm", "unwritable", "exists", "old_export", "too_long"])

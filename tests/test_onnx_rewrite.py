@@ -41,7 +41,8 @@ def pairs(tiny_models, tmp_path_factory):
             model, weights, layers = VARIANTS[variant]
             folder = tiny_models[model] if layers == 2 else \
                 write_tiny(root / f"{variant}-hf", model, seed=11, num_hidden_layers=layers)
-            original = export(ExportOptions(folder, root / variant, "portable", "fp32", MAX_SEQ, weights=weights))
+            original = export(ExportOptions(folder, root / variant, "portable", "fp32", MAX_SEQ, weights=weights,
+                                               rewrite=False))
             copy = shutil.copytree(original, root / f"{variant}-rewritten")
             cache[variant] = original, Path(copy), rewrite_export(Path(copy))
         return cache[variant]

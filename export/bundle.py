@@ -28,7 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
-from export.checkpoint import AtomicDir, CheckpointError, file_sha256, load_config, load_model
+from export.checkpoint import (AtomicDir, CheckpointError, file_sha256, load_config, load_model,
+                               with_folder_revision)
 from export.profiles import DeviceProfile, expectations, load_profile, plan_for, speed_model
 
 FORMAT_VERSION = 1
@@ -171,7 +172,8 @@ def bundle_plan(opts: BundleOptions):
     if spec is not None:  # a GPTQ/AWQ checkpoint brings its own 4-bit weights, whatever the profile's default
         profile = dataclasses.replace(profile, weights="int4", weight_group_size=kernel_group(spec.group_size) or 128)
     overrides = overrides_for(raw, context, profile.sparse)
-    config = config_with(raw, overrides, str(model_dir / "config.json")) if overrides else load_config(model_dir)
+    config = (with_folder_revision(config_with(raw, overrides, str(model_dir / "config.json")), model_dir,
+                                   {**raw, **overrides}) if overrides else load_config(model_dir))
     return profile, model_name, model_dir, overrides, config, plan_for(profile, config, model_name, opts.context)
 
 

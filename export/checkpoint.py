@@ -9,10 +9,12 @@ folder raises CheckpointError with one line that names the file and key, before 
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -92,7 +94,47 @@ def load_config(model_dir: str | os.PathLike) -> MiniCPMConfig:
     path = Path(model_dir) / "config.json"
     if not Path(model_dir).is_dir():
         raise CheckpointError(f"{model_dir}: not a directory (expected a Hugging Face MiniCPM4 or MiniCPM5 folder)")
-    return config_from_dict(read_json(path), source=str(path))
+    raw = read_json(path)
+    return with_folder_revision(config_from_dict(raw, source=str(path)), Path(model_dir), raw)
+
+
+def with_folder_revision(config: MiniCPMConfig, model_dir: Path, raw: dict) -> MiniCPMConfig:
+    """The config with its InfLLM v2 revision as the folder's own modeling code implements it."""
+    if config.sparse is not None:
+        config.sparse = dataclasses.replace(config.sparse,
+                                            revision=infllm_revision(model_dir, raw, config.sparse.revision))
+    return config
+
+
+def modeling_file(model_dir: Path, raw: dict) -> Path | None:
+    """The remote-code file the folder's auto_map names for AutoModelForCausalLM ("modeling_minicpm.
+    MiniCPMForCausalLM", possibly "repo--modeling_minicpm...."), when the folder ships it."""
+    auto_map = raw.get("auto_map")
+    target = auto_map.get("AutoModelForCausalLM") if isinstance(auto_map, dict) else None
+    module = str(target).split("--")[-1].rsplit(".", 1)[0] if target else "modeling_minicpm"
+    path = model_dir / f"{module}.py"
+    return path if path.is_file() else None
+
+
+def infllm_revision(model_dir: Path, raw: dict, configured: int) -> int:
+    """Which InfLLM v2 a sparse folder needs (docs/model.md): the released configs of MiniCPM4 and MiniCPM4.1
+    carry the same sparse_config, but the remote code shipped beside them differs: MiniCPM4.1's builds a
+    second, coarse key compressor (`self.compress_k2 = CompressK(...)`). sparse_config.revision (the kit's own
+    key) decides when the folder has no modeling file; when it has one, the two must agree."""
+    path = modeling_file(model_dir, raw)
+    if path is None:
+        return configured
+    try:
+        code = path.read_text(errors="replace")
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read ({e.__class__.__name__}: {e})") from None
+    found = 2 if re.search(r"\bcompress_k2\s*=", code) else 1
+    explicit = (raw.get("sparse_config") or {}).get("revision")
+    if explicit is not None and explicit != found:
+        raise CheckpointError(f"{model_dir / 'config.json'}: key 'sparse_config.revision' is {explicit}, but "
+                              f"{path.name} implements InfLLM v2 revision {found} ("
+                              f"{'builds' if found == 2 else 'has no'} compress_k2); remove the key or fix it")
+    return found
 
 
 def config_from_dict(raw: dict, source: str = "config.json") -> MiniCPMConfig:

@@ -4,10 +4,13 @@ The same weights for both: a random-weight MiniCPM4-0.5B (24 layers, hidden 1024
 4096, vocab 73448, the published config's scalars and LongRoPE factors), in two precisions:
   fp32  `cpm-edge export --flavor portable --dtype fp32 --max-seq 2304` for ONNX Runtime, an f32 GGUF
         (export/gguf_export.py) for llama.cpp (llama-cpp-python);
-  int4  the same export with `--weights int4 --group-size 32` (MatMulNBits) and a Q4_0 GGUF
-        (`--dtype q4_0`): both hold the very same 4-bit numbers (tests/test_gguf_q4_0.py), embeddings and
-        lm_head fp32 in both. How each engine multiplies differs: llama.cpp rounds the activations to
-        8 bits (Q8_0) for its Q4_0 dot products on CPU, MatMulNBits at accuracy_level 0 keeps them fp32.
+  int4  the same export with `--weights int4 --group-size 32 --int4-activations int8` (MatMulNBits,
+        accuracy_level 4) and a Q4_0 GGUF (`--dtype q4_0`): both hold the very same 4-bit numbers
+        (tests/test_gguf_q4_0.py), embeddings and lm_head fp32 in both, and both round the activations to
+        8 bits per block of 32 for the dot products (llama.cpp's Q8_0 on CPU): the same computation;
+  int4-fp32act  the same, without --int4-activations: MatMulNBits keeps the activations fp32 (the torch
+        reference's numbers), against the same Q4_0 GGUF: what exactness costs.
+The ONNX exports are `cpm-edge export`'s default graph, rewritten for ONNX Runtime (export/onnx_rewrite.py).
 Same KV cache (fp32: llama.cpp's default f16 cache is switched to f32), same thread count, same capacity
 (2304 positions, so both pick the same LongRoPE factors), same work per step: one token in, the last
 position's logits out as a numpy array, the next token its argmax.
@@ -16,14 +19,14 @@ Per engine, precision and context, a subprocess of its own: load, prefill a rand
 (timed, reported), warm up with a few decode steps, then on each request from the parent rewind the cache
 to `context` and time `--decode` steps. Its peak memory is the VmHWM it reads from /proc/self/status before
 it exits (its own address space's high-water mark; wait4's ru_maxrss would start from the parent's peak).
-llama.cpp runs twice, flash attention off and on; the faster is the baseline. The machine may be shared (other processes compete
-for its cores), so the engines of one context stay loaded together, their runs are interleaved in rotating
+llama.cpp runs twice, flash attention off and on; the faster is the baseline. The machine may be shared
+(other processes compete for its cores), so the engines of one context stay loaded together, their runs are interleaved in rotating
 order, each run starts after the machine has been quiet for a second (or after --quiet-wait), the CPU that
 other processes used during each run is recorded, and rounds go on until every engine has --runs clean runs
 (others used <= --max-others cores; at most 4 x --runs rounds). Decode tokens/s is the median over the
 clean runs (over all runs, marked contended, when there are too few).
 Before any timing the parent checks that both engines agree on the logits after a 128-token prefill (fp32:
-1e-3 of the largest logit; int4: 5e-2, llama.cpp's 8-bit activations).
+1e-3 of the largest logit; int4: 5e-2, 8-bit activations on one side or both).
 
 Writes bench/results/cpu.json and bench/results/cpu.png; prints the ratios (onnxruntime / llama.cpp) per
 precision and context, with the CPU's ISA.
@@ -54,7 +57,8 @@ ENGINES = ("onnxruntime", "llama.cpp")
 GGML_TYPE_F32 = 0
 # precision -> (extra `cpm-edge export` arguments, GGUF --dtype, agreement tolerance of the logits)
 PRECISIONS = {"fp32": ([], "f32", 1e-3),
-              "int4": (["--weights", "int4", "--group-size", "32"], "q4_0", 5e-2)}
+              "int4": (["--weights", "int4", "--group-size", "32", "--int4-activations", "int8"], "q4_0", 5e-2),
+              "int4-fp32act": (["--weights", "int4", "--group-size", "32"], "q4_0", 5e-2)}
 # MiniCPM4-0.5B, as published (shared/reference/configs): shapes and the three muP scalars.
 SHAPE = dict(num_hidden_layers=24, hidden_size=1024, intermediate_size=4096, num_attention_heads=16,
              num_key_value_heads=2, vocab_size=73448, max_position_embeddings=32768, scale_emb=12,
@@ -65,7 +69,8 @@ FALLBACK_FACTORS = [1.0 + 48.9 * (i / 31) ** 2 for i in range(32)]
 
 
 EXPORTER_SOURCES = ("export/onnx_export.py", "export/model.py", "trt_plugins/attention/reference.py",
-                    "export/quantized.py", "trt_plugins/int4/reference.py", "export/gguf_export.py")
+                    "export/quantized.py", "trt_plugins/int4/reference.py", "export/gguf_export.py",
+                    "export/onnx_rewrite.py", "export/onnx_graph.py", "cli/export_commands.py")
 
 
 # --- preparing the model (parent; imports torch) ---------------------------------------------------------
@@ -466,8 +471,10 @@ def main(argv=None) -> int:
                    for precision in args.precisions}
     results = {
         "what": "decode tokens/s (median of runs) and peak RSS (VmHWM) per engine process, batch 1, random-weight "
-                "MiniCPM4-0.5B shapes, fp32 activations and KV cache; fp32: fp32 weights; int4: the same 4-bit "
-                "values in both (MatMulNBits blocks of 32 / Q4_0); ratio = onnxruntime / llama.cpp; "
+                "MiniCPM4-0.5B shapes, fp32 KV cache; fp32: fp32 weights and activations; int4: the same 4-bit "
+                "values in both (MatMulNBits blocks of 32 / Q4_0), activations rounded to int8 per block in both; "
+                "int4-fp32act: MatMulNBits with fp32 activations against the same Q4_0; "
+                "ratio = onnxruntime / llama.cpp; "
                 "all_runs[].others_cores: CPU cores other processes used while that run was timed; the median "
                 "is over the clean runs (others_cores <= method.max_others_cores) unless contended is true",
         "machine": machine(args.threads),

@@ -391,7 +391,8 @@ def plot(results: dict, path: Path):
         ax.set_xticks(x, [f"{p}\n{c} context" for p, c in groups], fontsize=8)
         ax.set_ylabel(unit)
         ax.set_title(title, fontsize=10)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=8, loc="upper left")
+        ax.set_ylim(0, ax.get_ylim()[1] * 1.25)  # room for the legend above the bars
     m = results["machine"]
     fig.suptitle(f"MiniCPM4-0.5B shapes, batch 1, {m['threads_used']} threads — {m['cpu']} "
                  f"({m['logical_cores']} cores, {'/'.join(m['isa'])})", fontsize=10)

@@ -22,35 +22,38 @@ REV1_CODE = ("class MiniCPMAttention:\n    def __init__(self, config):\n"
 
 
 def sparse_folder(tmp_path: Path, name: str, code: str | None, auto_map: str | None = None,
-                  revision: int | None = None) -> Path:
-    """A tiny sparse folder (no 'revision' key unless given) shipping `code` under the auto_map's file name."""
+                  filename: str = "modeling_minicpm.py", revision: int | None = None) -> Path:
+    """A tiny sparse folder (no 'revision' key unless given) shipping `code` as `filename`."""
     extra = {"revision": revision} if revision is not None else {}
     folder = write_tiny(tmp_path / name, "sparse", seed=random.randrange(1000),
                         sparse_config={"kernel_size": 32, "kernel_stride": 16, "init_blocks": 1, "block_size": 64,
                                        "window_size": 128, "topk": 4, "use_nope": False, "dense_len": 320,
                                        **extra})
-    config = json.loads((folder / "config.json").read_text())
     if auto_map is not None:
+        config = json.loads((folder / "config.json").read_text())
         config["auto_map"] = {"AutoConfig": "configuration_minicpm.MiniCPMConfig",
                               "AutoModelForCausalLM": auto_map}
         (folder / "config.json").write_text(json.dumps(config))
-    module = (auto_map or "modeling_minicpm.MiniCPMForCausalLM").split("--")[-1].rsplit(".", 1)[0]
     if code is not None:
-        (folder / f"{module}.py").write_text(code)
+        (folder / filename).write_text(code)
     return folder
 
 
 def test_revision_follows_the_shipped_modeling_code(tmp_path):
     rev2 = OFFICIAL_REV2.read_text()
-    cases = {
-        "official-4.1": (rev2, "modeling_minicpm.MiniCPMForCausalLM", 2),
-        "hub-style-auto-map": (rev2, "openbmb/MiniCPM4.1-8B--modeling_minicpm.MiniCPMForCausalLM", 2),
-        "first-release-style": (REV1_CODE, "modeling_minicpm.MiniCPMForCausalLM", 1),
-        "no-auto-map": (rev2, None, 2),          # the file name the released folders use
-        "no-code": (None, None, 1),              # the kit's own key (absent: 1) decides
+    cases = {  # name: (code, auto_map, the file the code is written to, expected revision)
+        "official-4.1": (rev2, "modeling_minicpm.MiniCPMForCausalLM", "modeling_minicpm.py", 2),
+        "hub-style-auto-map": (rev2, "openbmb/MiniCPM4.1-8B--modeling_minicpm.MiniCPMForCausalLM",
+                               "modeling_minicpm.py", 2),
+        "renamed-module": (rev2, "modeling_cpm41.MiniCPMForCausalLM", "modeling_cpm41.py", 2),
+        "auto-map-names-another-file": (rev2, "modeling_cpm41.MiniCPMForCausalLM", "modeling_minicpm.py", 1),
+        "first-release-style": (REV1_CODE, "modeling_minicpm.MiniCPMForCausalLM", "modeling_minicpm.py", 1),
+        "no-auto-map": (rev2, None, "modeling_minicpm.py", 2),   # the file name the released folders use
+        "no-code": (None, None, "modeling_minicpm.py", 1),       # the kit's own key (absent: 1) decides
     }
-    for name, (code, auto_map, expected) in cases.items():
-        assert load_config(sparse_folder(tmp_path, name, code, auto_map)).sparse.revision == expected, name
+    for name, (code, auto_map, filename, expected) in cases.items():
+        folder = sparse_folder(tmp_path, name, code, auto_map, filename)
+        assert load_config(folder).sparse.revision == expected, name
     # The explicit key still works without code, and agrees with code that says the same
     assert load_config(sparse_folder(tmp_path, "key-only", None, revision=2)).sparse.revision == 2
     assert load_config(sparse_folder(tmp_path, "both", rev2, revision=2)).sparse.revision == 2

@@ -22,8 +22,8 @@ it exits (its own address space's high-water mark; wait4's ru_maxrss would start
 llama.cpp runs twice, flash attention off and on; the faster is the baseline. The machine may be shared
 (other processes compete for its cores), so the engines of one context stay loaded together, their runs are
 interleaved in rotating order, each run starts after the machine has been quiet for a second (or after
---quiet-wait), the CPU that other processes used during each run is recorded, and rounds go on until every engine has --runs clean runs
-(others used <= --max-others cores; at most 4 x --runs rounds). Decode tokens/s is the median over the
+--quiet-wait), the CPU that other processes used during each run is recorded, and rounds go on until
+every engine has --runs clean runs (others used <= --max-others cores; at most 4 x --runs rounds). Decode tokens/s is the median over the
 clean runs (over all runs, marked contended, when there are too few).
 Before any timing the parent checks that both engines agree on the logits after a 128-token prefill (fp32:
 1e-3 of the largest logit; int4: 5e-2, 8-bit activations on one side or both).
